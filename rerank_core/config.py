@@ -1,0 +1,54 @@
+"""Engine configuration: one frozen object, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .prompt import DEFAULT_MAX_LENGTH
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_PAIRS = 64
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a checkpoint.
+
+    Attributes:
+        device: ``"auto"`` (CUDA if available, else CPU) or a torch device string.
+        dtype: ``"auto"`` (bfloat16 on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``
+            or ``"float16"``.
+        max_length: longest pair sequence in tokens; longer documents are cut at their tail.
+        max_batch_tokens: padded document tokens per forward pass.
+        max_batch_pairs: pairs per forward pass.
+        share_prefix: compute the part shared by a query's documents once (exact up to rounding).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS
+    share_prefix: bool = True
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_length", "max_batch_tokens", "max_batch_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def torch_device(self) -> torch.device:
+        """The device to run on, with ``"auto"`` resolved."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

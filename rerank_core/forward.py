@@ -1,0 +1,233 @@
+"""The forward pass: token ids in, yes-probabilities out.
+
+:class:`PairScorer` takes already-tokenized :class:`~rerank_core.prompt.EncodedQuery` objects, so
+that tokenization can run in another process than the model. Three things make it fast without
+changing a score beyond rounding:
+
+* the final hidden state of each row's last real token goes through a one-row head
+  (:class:`~rerank_core.head.YesNoHead`) instead of the full vocabulary projection;
+* rows are sorted by length and packed into batches under a padded-token budget
+  (:func:`~rerank_core.batching.plan_batches`), then scattered back to input order;
+* the part shared by all documents of a query runs once; its keys and values are reused by every
+  document of that query (RoPE is relative, so placing the document at the positions that follow
+  the shared part reproduces the full sequence exactly).
+
+Rows are right-padded: with causal attention a real token never sees the padding after it, so the
+last real token of row ``r`` sits at ``length[r] - 1`` and no padding mask is needed there.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .batching import plan_batches
+from .head import YesNoHead
+from .prompt import EncodedQuery
+
+
+class _PrefixKV:
+    """A minimal stand-in for a transformers ``Cache`` holding precomputed prefix keys/values.
+
+    With ``past`` set, each attention layer sees ``past + new`` keys; without, it records the new
+    keys and values (the prefix pass). Nothing is appended between calls: each batch gets its own
+    object, so the prefix tensors are shared read-only.
+    """
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.past = past
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.past is None:
+            self.recorded.append((key, value))
+            return key, value
+        past_key, past_value = self.past[layer_idx]
+        return torch.cat([past_key, key], dim=-2), torch.cat([past_value, value], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.past is None else self.past[0][0].shape[-2]
+
+
+@dataclass
+class _Prefixes:
+    """Keys/values of every query's shared part, right-padded and stacked per prefix batch."""
+
+    lengths: list[int]  # per query
+    location: list[tuple[int, int]]  # per query: (prefix batch, row within it)
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per prefix batch, per layer
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """What one :meth:`PairScorer.score` call did, for metrics and tests."""
+
+    pairs: int
+    forward_passes: int
+    tokens: int  # real tokens run through the model
+    padded_tokens: int  # tokens including padding
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Result of :meth:`PairScorer.score`: per query, per document, the yes-probability."""
+
+    scores: list[list[float]]
+    stats: ForwardStats
+
+
+class PairScorer:
+    """Runs a Qwen3 backbone and the yes/no head over encoded pairs.
+
+    Args:
+        backbone: the ``Qwen3Model`` (decoder without LM head), in eval mode, on ``device``.
+        head: the yes/no head, on ``device``.
+        max_batch_tokens: padded tokens per forward pass (a longer single row still runs alone).
+        max_batch_pairs: rows per forward pass.
+        share_prefix: compute each query's shared part once (exact up to rounding).
+    """
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        head: YesNoHead,
+        max_batch_tokens: int,
+        max_batch_pairs: int,
+        share_prefix: bool = True,
+    ):
+        layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"only full-attention models are supported, got {layer_types}")
+        self.backbone = backbone
+        self.head = head
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_pairs = max_batch_pairs
+        self.share_prefix = share_prefix
+        self.device = next(backbone.parameters()).device
+        # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
+        params = inspect.signature(backbone.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def score(self, queries: Sequence[EncodedQuery]) -> BatchScores:
+        """Yes-probabilities for every document of every query, in input order.
+
+        Each document's score depends only on its own query and text, never on what else shares
+        its batch.
+        """
+        rows = [(q, d) for q, query in enumerate(queries) for d in range(len(query.documents))]
+        scores = [[0.0] * len(query.documents) for query in queries]
+        if not rows:
+            return BatchScores(scores, ForwardStats(0, 0, 0, 0))
+        passes = tokens = padded = 0
+        if self.share_prefix:
+            prefixes, passes, padded = self._run_prefixes(queries)
+            tokens = sum(len(q.shared) for q in queries)
+            lengths = [len(queries[q].documents[d]) for q, d in rows]
+        else:
+            prefixes = None
+            lengths = [len(queries[q].shared) + len(queries[q].documents[d]) for q, d in rows]
+        for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs):
+            batch_rows = [rows[i] for i in batch]
+            probs = self._run_rows(queries, batch_rows, prefixes).tolist()
+            for (q, d), p in zip(batch_rows, probs):
+                scores[q][d] = p
+            passes += 1
+            tokens += sum(lengths[i] for i in batch)
+            padded += len(batch) * max(lengths[i] for i in batch)
+        return BatchScores(scores, ForwardStats(len(rows), passes, tokens, padded))
+
+    def _run_prefixes(self, queries: Sequence[EncodedQuery]) -> tuple[_Prefixes, int, int]:
+        lengths = [len(q.shared) for q in queries]
+        location: list[tuple[int, int]] = [(0, 0)] * len(queries)
+        batches = []
+        padded = 0
+        for b, batch in enumerate(plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs)):
+            ids, _ = self._pad([queries[q].shared for q in batch])
+            recorder = _PrefixKV()
+            # No mask (causal only): with right padding, real tokens never see the padding.
+            # Given as a prepared mapping so that transformers builds no mask from the cache.
+            self.backbone(
+                input_ids=ids,
+                attention_mask={"full_attention": None},
+                use_cache=False,
+                **{self._cache_arg: recorder},
+            )
+            batches.append(recorder.recorded)
+            for row, q in enumerate(batch):
+                location[q] = (b, row)
+            padded += ids.numel()
+        return _Prefixes(lengths, location, batches), len(batches), padded
+
+    def _run_rows(self, queries, batch_rows, prefixes: _Prefixes | None) -> torch.Tensor:
+        if prefixes is None:
+            ids, lengths = self._pad([queries[q].shared + queries[q].documents[d] for q, d in batch_rows])
+            hidden = self.backbone(input_ids=ids, use_cache=False).last_hidden_state
+        else:
+            ids, lengths = self._pad([queries[q].documents[d] for q, d in batch_rows])
+            prefix_lengths = torch.tensor([prefixes.lengths[q] for q, _ in batch_rows], device=self.device)
+            past = self._gather_prefixes(prefixes, [q for q, _ in batch_rows])
+            steps = torch.arange(ids.shape[1], device=self.device)
+            hidden = self.backbone(
+                input_ids=ids,
+                position_ids=prefix_lengths[:, None] + steps[None, :],
+                attention_mask={"full_attention": self._prefix_mask(prefix_lengths, ids.shape[1])},
+                use_cache=False,
+                **{self._cache_arg: _PrefixKV(past)},
+            ).last_hidden_state
+        last = hidden[torch.arange(len(batch_rows), device=self.device), lengths - 1]
+        return self.head(last).cpu()
+
+    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad id lists into a tensor; returns ``(ids, lengths)``."""
+        width = max(len(s) for s in sequences)
+        ids = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in sequences])
+        return ids.to(self.device), lengths.to(self.device)
+
+    def _gather_prefixes(self, prefixes: _Prefixes, query_of_row: list[int]):
+        """Per layer, the prefix keys/values of each row's query, right-padded to a common width.
+
+        One indexed copy per prefix batch and layer (not per row): this runs for every batch.
+        """
+        width = max(prefixes.lengths[q] for q in query_of_row)
+        sources: dict[int, tuple[list[int], list[int]]] = {}
+        for position, q in enumerate(query_of_row):
+            b, row = prefixes.location[q]
+            targets, source_rows = sources.setdefault(b, ([], []))
+            targets.append(position)
+            source_rows.append(row)
+        index = {
+            b: (torch.tensor(t, device=self.device), torch.tensor(r, device=self.device))
+            for b, (t, r) in sources.items()
+        }
+        past = []
+        for layer in range(len(prefixes.batches[0])):
+            pair = []
+            for kind in (0, 1):  # keys, values
+                sample = prefixes.batches[0][layer][kind]
+                out = sample.new_zeros((len(query_of_row), sample.shape[1], width, sample.shape[3]))
+                for b, (targets, rows) in index.items():
+                    source = prefixes.batches[b][layer][kind][:, :, :width]
+                    out[targets, :, : source.shape[2]] = source[rows]
+                pair.append(out)
+            past.append((pair[0], pair[1]))
+        return past
+
+    def _prefix_mask(self, prefix_lengths: torch.Tensor, length: int) -> torch.Tensor:
+        """Boolean mask ``(rows, 1, length, prefix_width + length)``: True where attention is allowed.
+
+        Each row sees its own real prefix tokens and, causally, its own document tokens.
+        """
+        width = int(prefix_lengths.max())
+        keys = torch.arange(width, device=self.device)
+        see_prefix = (keys[None, :] < prefix_lengths[:, None])[:, None, :].expand(-1, length, -1)
+        causal = torch.ones((length, length), dtype=torch.bool, device=self.device).tril()
+        see_doc = causal[None].expand(len(prefix_lengths), -1, -1)
+        return torch.cat([see_prefix, see_doc], dim=-1)[:, None]
+

@@ -1,0 +1,56 @@
+"""The yes/no scoring head of Qwen3-Reranker.
+
+The model's relevance score is ``softmax([logit_no, logit_yes])[1]`` at the last real token,
+which equals ``sigmoid(logit_yes - logit_no)``. Both logits are rows of the LM head applied to the
+same hidden state, so only their difference ``w = lm_head[yes] - lm_head[no]`` is needed: one
+dot product per pair instead of a 151,669-wide vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+YES_TOKEN = "yes"
+NO_TOKEN = "no"
+
+
+def answer_token_ids(tokenizer) -> tuple[int, int]:
+    """Look up the ids of the "yes" and "no" tokens.
+
+    Returns:
+        ``(yes_id, no_id)``.
+
+    Raises:
+        ValueError: the tokenizer has no single token for "yes" or "no" (not a Qwen3 vocabulary).
+    """
+    ids = []
+    for token in (YES_TOKEN, NO_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no token {token!r}; Qwen3-Reranker scores need single "
+                f"'yes' and 'no' tokens (Qwen3 ids 9693 and 2152)"
+            )
+        ids.append(token_id)
+    return ids[0], ids[1]
+
+
+class YesNoHead(torch.nn.Module):
+    """Maps final hidden states to yes-probabilities.
+
+    The weight is kept in float32 whatever the model's dtype: the difference of two bf16 rows and
+    the dot product lose less precision there, at no measurable cost.
+    """
+
+    def __init__(self, lm_head_weight: torch.Tensor, yes_id: int, no_id: int):
+        super().__init__()
+        weight = lm_head_weight[yes_id].float() - lm_head_weight[no_id].float()
+        self.register_buffer("weight", weight.detach().clone())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``logit_yes - logit_no`` for hidden states of shape ``(n, hidden_size)``."""
+        return hidden.float() @ self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Yes-probabilities in [0, 1], shape ``(n,)``."""
+        return torch.sigmoid(self.logits(hidden))

@@ -1,0 +1,122 @@
+"""Known Qwen3-Reranker checkpoints and turning a model *source* into a local directory.
+
+A source is one of:
+
+* a registry name (``qwen3-reranker-0.6b``), mapped to its hub id;
+* a hub id (``Qwen/Qwen3-Reranker-0.6B``), downloaded from ModelScope (default) or the
+  Hugging Face hub into a cache directory;
+* a local directory holding ``config.json`` and the tokenizer files, loaded as is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+HUBS = ("modelscope", "huggingface")
+DEFAULT_HUB = "modelscope"
+HUB_ENV = "RERANK_HUB"
+CACHE_ENV = "RERANK_CACHE_DIR"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One released checkpoint."""
+
+    name: str
+    hub_id: str
+    parameters: str
+    layers: int
+    hidden_size: int
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("qwen3-reranker-0.6b", "Qwen/Qwen3-Reranker-0.6B", "0.6B", 28, 1024),
+        ModelSpec("qwen3-reranker-4b", "Qwen/Qwen3-Reranker-4B", "4B", 36, 2560),
+        ModelSpec("qwen3-reranker-8b", "Qwen/Qwen3-Reranker-8B", "8B", 36, 4096),
+    )
+}
+DEFAULT_MODEL = "qwen3-reranker-0.6b"
+
+
+class ModelSourceError(RuntimeError):
+    """A model source could not be turned into a local checkpoint directory."""
+
+
+def resolve_hub_id(source: str) -> str | None:
+    """The hub id a registry name or hub id stands for; ``None`` if ``source`` is neither."""
+    spec = REGISTRY.get(source.lower())
+    if spec is not None:
+        return spec.hub_id
+    return source if _HUB_ID.match(source) else None
+
+
+def default_hub() -> str:
+    """The hub to download from: ``$RERANK_HUB`` or ModelScope."""
+    return os.environ.get(HUB_ENV, DEFAULT_HUB)
+
+
+def default_cache_dir() -> str | None:
+    """``$RERANK_CACHE_DIR``, or ``None`` for the hub library's own default cache."""
+    return os.environ.get(CACHE_ENV) or None
+
+
+def resolve_source(
+    source: str,
+    hub: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    downloader=None,
+) -> Path:
+    """Return a local directory holding the checkpoint named by ``source``.
+
+    Args:
+        source: registry name, hub id, or local directory.
+        hub: ``"modelscope"`` or ``"huggingface"``; ``None`` means :func:`default_hub`.
+        cache_dir: where downloads go; ``None`` means :func:`default_cache_dir`.
+        downloader: ``downloader(hub_id, hub, cache_dir) -> path``; defaults to :func:`download`.
+            Injected in tests, where no hub is reachable.
+
+    Raises:
+        ModelSourceError: the source is unknown, the directory is not a checkpoint, or the
+            download failed; the message names the id and hub and how to use a local directory.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} is a directory but holds no config.json checkpoint")
+        return path
+    hub_id = resolve_hub_id(source)
+    if hub_id is None:
+        known = ", ".join(REGISTRY)
+        raise ModelSourceError(
+            f"unknown model source {source!r}: not a directory, a known name ({known}) "
+            f"or a hub id like 'Qwen/Qwen3-Reranker-0.6B'"
+        )
+    hub = hub or default_hub()
+    if hub not in HUBS:
+        raise ModelSourceError(f"unknown hub {hub!r}; choose one of {', '.join(HUBS)}")
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+    try:
+        return Path((downloader or download)(hub_id, hub, cache_dir))
+    except Exception as e:  # noqa: BLE001 - hub clients raise many unrelated types
+        raise ModelSourceError(
+            f"could not download {hub_id!r} from {hub} ({type(e).__name__}: {e}). "
+            f"Download it where a hub is reachable (`rerank download {source}`) and pass the "
+            f"local directory as the model source instead."
+        ) from e
+
+
+def download(hub_id: str, hub: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Download (or find in the cache) ``hub_id`` from ``hub``; returns the local directory."""
+    if hub == "modelscope":
+        from modelscope import snapshot_download
+
+        return snapshot_download(hub_id, cache_dir=cache_dir)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(hub_id, cache_dir=cache_dir)

@@ -1,0 +1,183 @@
+"""The public engine: :class:`Reranker` loads a Qwen3-Reranker checkpoint and scores documents."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+
+
+from .config import EngineConfig
+from .forward import PairScorer
+from .head import YesNoHead, answer_token_ids
+from .prompt import EncodedQuery, PromptEncoder
+from .ranking import RankResult, rank
+from .registry import ModelSourceError, resolve_source
+
+_PROBE = ("What is the capital of France?", "Paris is the capital and largest city of France.")
+
+
+def load_encoder(source: str | os.PathLike, max_length: int, hub=None, cache_dir=None) -> PromptEncoder:
+    """Load only the tokenizer of ``source`` as a :class:`PromptEncoder` (no model weights).
+
+    Raises:
+        ModelSourceError: see :func:`~rerank_core.registry.resolve_source`, or unreadable files.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"cannot load a tokenizer from {path}: {e}") from e
+    return PromptEncoder(tokenizer, max_length)
+
+
+def validate_request(query, documents, instruction=None) -> None:
+    """Check the inputs of a scoring call.
+
+    Raises:
+        ValueError: empty or non-string query, no documents, a non-string document, or an
+            instruction that is neither ``None`` nor a non-empty string.
+    """
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("query must be a non-empty string")
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise ValueError("documents must be a list of strings")
+    if len(documents) == 0:
+        raise ValueError("documents must not be empty")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise ValueError(f"documents[{i}] must be a string, got {type(doc).__name__}")
+    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+        raise ValueError("instruction must be a non-empty string or None (the default instruction)")
+
+
+class Reranker:
+    """Scores (query, document) pairs with a Qwen3-Reranker checkpoint.
+
+    Build with :meth:`load`. Scores are the model's probability of answering "yes", exactly as
+    the model card defines them (up to floating-point rounding).
+    """
+
+    def __init__(self, model, tokenizer, config: EngineConfig, name: str = "qwen3-reranker"):
+        self.name = name
+        self.config = config
+        self.encoder = PromptEncoder(tokenizer, config.max_length)
+        yes_id, no_id = answer_token_ids(tokenizer)
+        device = next(model.parameters()).device
+        head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)
+        # Only the decoder and the one-row head are kept: the vocabulary projection is never run.
+        self.scorer = PairScorer(
+            model.get_decoder(), head, config.max_batch_tokens, config.max_batch_pairs, config.share_prefix
+        )
+        self.device = device
+        self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        *,
+        hub: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        config: EngineConfig | None = None,
+    ) -> Reranker:
+        """Load a checkpoint from a registry name, hub id or local directory.
+
+        Args:
+            source: see :func:`~rerank_core.registry.resolve_source`.
+            device, dtype, max_length: override the fields of ``config`` when given (its
+                defaults: ``"auto"``, ``"auto"``, 8192).
+            hub: ``"modelscope"`` (default) or ``"huggingface"`` for hub ids.
+            cache_dir: where downloads go.
+            config: engine settings (batch budgets, prefix sharing); defaults otherwise.
+
+        Raises:
+            ModelSourceError: the source cannot be found, downloaded or read.
+            ValueError: bad settings, or a checkpoint that is not a Qwen3 causal LM reranker.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        given = {"device": device, "dtype": dtype, "max_length": max_length}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        config = replace(config or EngineConfig(), **overrides)
+        path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
+        torch_device = config.torch_device()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=config.torch_dtype(), attn_implementation="sdpa"
+            )
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"cannot load a checkpoint from {path}: {e}") from e
+        architectures = getattr(model.config, "architectures", None) or []
+        if not any(a.endswith("ForCausalLM") for a in architectures):
+            raise ValueError(
+                f"{path} holds {architectures}, not a causal LM; Qwen3-Reranker checkpoints are "
+                f"Qwen3ForCausalLM scored by the probability of 'yes'"
+            )
+        model.to(torch_device).eval()
+        return cls(model, tokenizer, config, name=str(source))
+
+    def encode(self, query: str, documents: Sequence[str], instruction: str | None = None) -> EncodedQuery:
+        """Validate and tokenize one query with its documents (see :class:`PromptEncoder`).
+
+        Raises:
+            ValueError: invalid inputs (see :func:`validate_request`), or a query too long to
+                leave room for any document (:class:`~rerank_core.prompt.QueryTooLongError`).
+        """
+        validate_request(query, documents, instruction)
+        return self.encoder.encode(query, documents, instruction)
+
+    def score_encoded(self, queries: Sequence[EncodedQuery]) -> list[list[float]]:
+        """Scores for already-encoded queries, one list per query in input order."""
+        return self.scorer.score(queries).scores
+
+    def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
+        """Relevance of each document to ``query``, in input order, each in [0, 1].
+
+        Raises:
+            ValueError: see :meth:`encode`.
+        """
+        return self.score_encoded([self.encode(query, documents, instruction)])[0]
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        instruction: str | None = None,
+        return_documents: bool = False,
+    ) -> list[RankResult]:
+        """Documents ranked by relevance: highest score first, ties by lower index.
+
+        Args:
+            top_k: keep this many results (``None``: all).
+            return_documents: attach each document's text to its result.
+
+        Raises:
+            ValueError: see :meth:`encode`, or ``top_k < 1``.
+        """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        scores = self.score(query, documents, instruction)
+        return rank(scores, list(documents) if return_documents else None, top_k)
+
+    def check_health(self) -> None:
+        """Re-score a fixed pair and compare with the score taken at load time.
+
+        Raises:
+            RuntimeError: the device fails or the model no longer gives the same score.
+        """
+        score = self.score(_PROBE[0], [_PROBE[1]])[0]
+        if not math.isfinite(score) or abs(score - self._probe_score) > 1e-3:
+            raise RuntimeError(f"health probe scored {score}, expected {self._probe_score}")
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length

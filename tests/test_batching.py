@@ -1,0 +1,61 @@
+import random
+
+import pytest
+
+from rerank_core.batching import plan_batches
+
+
+def _cost(batch, lengths):
+    return len(batch) * max(lengths[i] for i in batch)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_index_once_and_budgets_respected(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 200))]
+    batches = plan_batches(lengths, max_tokens=1000, max_rows=16)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 16
+        assert _cost(batch, lengths) <= 1000
+
+
+def test_sorted_longest_first_so_similar_lengths_share_batches():
+    lengths = [5, 100, 6, 99, 7, 98]
+    batches = plan_batches(lengths, max_tokens=300, max_rows=8)
+    assert batches == [[1, 3, 5], [4, 2, 0]]
+
+
+def test_ties_keep_lower_index_first():
+    assert plan_batches([3, 3, 3], max_tokens=100, max_rows=2) == [[0, 1], [2]]
+
+
+def test_over_budget_row_runs_alone():
+    lengths = [10, 5000, 10]
+    batches = plan_batches(lengths, max_tokens=100, max_rows=8)
+    assert batches == [[1], [0, 2]]
+
+
+def test_row_cap_splits_equal_rows():
+    batches = plan_batches([1] * 10, max_tokens=10_000, max_rows=4)
+    assert [len(b) for b in batches] == [4, 4, 2]
+
+
+def test_restoring_order_from_plan():
+    lengths = [4, 1, 9, 2, 7]
+    values = {}
+    for batch in plan_batches(lengths, max_tokens=10, max_rows=3):
+        for i in batch:
+            values[i] = lengths[i] * 10
+    assert [values[i] for i in range(len(lengths))] == [40, 10, 90, 20, 70]
+
+
+def test_empty_input_gives_no_batches():
+    assert plan_batches([], max_tokens=10, max_rows=2) == []
+
+
+@pytest.mark.parametrize("tokens,rows", [(0, 1), (1, 0), (-5, 3)])
+def test_bad_budget_is_an_error(tokens, rows):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        plan_batches([1, 2], max_tokens=tokens, max_rows=rows)

@@ -1,0 +1,167 @@
+"""The engine against the official procedure, and its public API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rerank_core import EngineConfig, QueryTooLongError, Reranker
+from tests.reference import official_scores
+
+QUERY = "What is the capital of China?"
+DOCS = [
+    "The capital of China is Beijing.",
+    "Gravity is a force that attracts two bodies towards each other.",
+    "北京是中华人民共和国的首都，也是全国的政治和文化中心。",
+    "",
+    "def add(a, b):\n    return a + b  # ✓ 🚀",
+    "   leading spaces and\ttabs\n\nand blank lines",
+    "12345 numbers first, then words",
+    "!!! punctuation first",
+    "Paris est la capitale de la France. Берлин — столица Германии.",
+]
+LONG_DOC = " ".join(f"word{i} is part of a long passage about rivers and mountains." for i in range(60))
+
+
+def _close(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    worst = max(abs(x - y) for x, y in zip(a, b))
+    assert worst <= tol, f"max difference {worst}"
+
+
+def test_scores_are_spread_out_so_parity_is_meaningful(reranker):
+    scores = reranker.score(QUERY, DOCS)
+    assert max(scores) - min(scores) > 0.2
+    assert all(0.0 < s < 1.0 for s in scores)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_parity_with_official_procedure(official_model, tiny_checkpoint, share_prefix):
+    model, tokenizer = official_model
+    engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(share_prefix=share_prefix)
+    )
+    _close(engine.score(QUERY, DOCS), official_scores(model, tokenizer, QUERY, DOCS))
+
+
+def test_parity_with_custom_instruction(reranker, official_model):
+    model, tokenizer = official_model
+    instruction = "Given a code question, retrieve code that answers it"
+    _close(
+        reranker.score("how to add numbers", DOCS, instruction=instruction),
+        official_scores(model, tokenizer, "how to add numbers", DOCS, instruction=instruction),
+    )
+
+
+def test_parity_with_a_single_document(reranker, official_model):
+    model, tokenizer = official_model
+    _close(reranker.score("多语言查询：首都是哪里？", [DOCS[2]]), official_scores(model, tokenizer, "多语言查询：首都是哪里？", [DOCS[2]]))
+
+
+def test_parity_with_many_documents_across_batches(tiny_checkpoint, official_model):
+    model, tokenizer = official_model
+    docs = [f"document {i}: " + " ".join(["river"] * (i % 17)) + DOCS[i % len(DOCS)] for i in range(70)]
+    engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="float32",
+        config=EngineConfig(max_batch_tokens=400, max_batch_pairs=8),
+    )
+    result = engine.scorer.score([engine.encode(QUERY, docs)])
+    assert result.stats.forward_passes > 5
+    scores = result.scores[0]
+    _close(scores, official_scores(model, tokenizer, QUERY, docs))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_parity_when_documents_are_truncated(tiny_checkpoint, official_model, share_prefix):
+    model, tokenizer = official_model
+    engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="float32", max_length=160,
+        config=EngineConfig(share_prefix=share_prefix),
+    )
+    docs = [LONG_DOC, DOCS[0], LONG_DOC[::-1], ""]
+    encoded = engine.encode(QUERY, docs)
+    assert encoded.truncated == [True, False, True, False]
+    assert max(encoded.pair_lengths()) == 160
+    _close(engine.score(QUERY, docs), official_scores(model, tokenizer, QUERY, docs, max_length=160))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_score_does_not_depend_on_batch_companions(tiny_checkpoint, share_prefix):
+    engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="float32",
+        config=EngineConfig(share_prefix=share_prefix, max_batch_tokens=100_000),
+    )
+    alone = [engine.score(QUERY, [doc])[0] for doc in DOCS]
+    together = engine.score(QUERY, DOCS + [LONG_DOC, LONG_DOC[:50]])[: len(DOCS)]
+    _close(alone, together)
+
+
+def test_queries_sharing_one_forward_pass_match_separate_calls(reranker):
+    other = "Which language is spoken in France?"
+    result = reranker.scorer.score([reranker.encode(QUERY, DOCS), reranker.encode(other, DOCS[::-1])])
+    assert result.stats.forward_passes == 2  # one prefix pass, one document pass
+    mixed = result.scores
+    _close(mixed[0], reranker.score(QUERY, DOCS))
+    _close(mixed[1], reranker.score(other, DOCS[::-1]))
+
+
+def test_rank_orders_by_score_with_documents_and_top_k(reranker):
+    scores = reranker.score(QUERY, DOCS)
+    ranked = reranker.rank(QUERY, DOCS, top_k=3, return_documents=True)
+    expected = sorted(range(len(DOCS)), key=lambda i: (-scores[i], i))[:3]
+    assert [r.index for r in ranked] == expected
+    assert [r.relevance_score for r in ranked] == [scores[i] for i in expected]
+    assert [r.document for r in ranked] == [DOCS[i] for i in expected]
+    assert all(r.document is None for r in reranker.rank(QUERY, DOCS))
+    assert len(reranker.rank(QUERY, DOCS, top_k=100)) == len(DOCS)
+
+
+def test_ties_rank_lower_index_first(reranker):
+    ranked = reranker.rank(QUERY, ["same text", "other text", "same text"])
+    same = [r.index for r in ranked if r.index in (0, 2)]
+    assert same == [0, 2]
+    assert ranked[[r.index for r in ranked].index(0)].relevance_score == ranked[[r.index for r in ranked].index(2)].relevance_score
+
+
+@pytest.mark.parametrize(
+    "query,documents,kwargs,message",
+    [
+        ("", ["a"], {}, "query must be a non-empty string"),
+        ("   ", ["a"], {}, "query must be a non-empty string"),
+        (None, ["a"], {}, "query must be a non-empty string"),
+        ("q", [], {}, "documents must not be empty"),
+        ("q", "a single string", {}, "documents must be a list of strings"),
+        ("q", ["a", 3], {}, r"documents\[1\] must be a string, got int"),
+        ("q", ["a", None], {}, r"documents\[1\] must be a string, got NoneType"),
+        ("q", ["a"], {"instruction": ""}, "instruction must be a non-empty string"),
+        ("q", ["a"], {"top_k": 0}, "top_k must be a positive integer"),
+        ("q", ["a"], {"top_k": -2}, "top_k must be a positive integer"),
+        ("q", ["a"], {"top_k": True}, "top_k must be a positive integer"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(reranker, query, documents, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reranker.rank(query, documents, **kwargs)
+
+
+def test_query_too_long_for_any_document(tiny_checkpoint):
+    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", max_length=120)
+    with pytest.raises(QueryTooLongError, match="no room for a document within max_length=120"):
+        engine.score("word " * 200, ["doc"])
+
+
+def test_max_length_must_fit_the_template(tiny_checkpoint):
+    with pytest.raises(ValueError, match="does not fit the prompt template"):
+        Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", max_length=20)
+
+
+def test_health_check_passes_on_a_sound_model(reranker):
+    reranker.check_health()
+
+
+def test_auto_device_and_dtype_on_cpu(reranker):
+    config = EngineConfig()
+    assert str(config.torch_device()) == "cpu"
+    assert str(config.torch_dtype()) == "torch.float32"
+    assert reranker.device.type == "cpu"
+    assert reranker.scorer.head.weight.dtype == torch.float32

@@ -28,3 +28,30 @@ def official_model(tiny_checkpoint):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, padding_side="left")
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance with Serve for the session; yields the HTTP base URL.
+
+    Start-up costs seconds on 2 cores, so it happens once.
+
+    More logical CPUs than physical ones: test replicas ask for ``num_cpus: 0`` anyway.
+    """
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

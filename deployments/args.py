@@ -1,0 +1,104 @@
+"""Typed arguments of the application builder (the ``args:`` of a Serve config file).
+
+Serve validates the YAML ``args`` against :class:`AppArgs` because ``build_app`` annotates its
+argument with it; a misspelled key fails at deploy time instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rerank_core.config import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS
+from rerank_core.prompt import DEFAULT_MAX_LENGTH
+
+DEFAULT_MAX_DOCUMENTS = 1000
+DEFAULT_MAX_REQUEST_CHARS = 2_000_000
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_CHUNK_PAIRS = 16
+DEFAULT_CHUNK_TOKENS = 8192
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+DEFAULT_RETRY_AFTER_S = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingArgs(_Strict):
+    """How a model replica batches chunks across requests (its Serve ``user_config``).
+
+    Changing these in the config's ``deployments[].user_config`` applies without a restart.
+    """
+
+    max_batch_size: int = Field(64, gt=0, description="Most document pairs scored in one batch.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long a batch waits for more chunks before running."
+    )
+
+
+class ModelArgs(_Strict):
+    """One served model; each gets its own autoscaled replica deployment."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.\-]+$", description="What requests put in `model`.")
+    source: str = Field(min_length=1, description="Registry name, hub id, or local directory.")
+    aliases: list[str] = Field(default_factory=list, description="Other names requests may use.")
+    hub: Literal["modelscope", "huggingface"] | None = Field(
+        None, description="Hub for hub ids (default: $RERANK_HUB or modelscope)."
+    )
+    cache_dir: str | None = Field(None, description="Download cache (default: $RERANK_CACHE_DIR).")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, gt=0, description="Longest pair, in tokens.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    max_batch_tokens: int = Field(
+        DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Padded document tokens per forward pass."
+    )
+    max_batch_pairs: int = Field(DEFAULT_MAX_BATCH_PAIRS, gt=0, description="Pairs per forward pass.")
+    batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    deployment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Serve deployment options of this model's replicas (num_replicas, "
+        "autoscaling_config, ray_actor_options, max_ongoing_requests, max_queued_requests, ...).",
+    )
+
+
+class AppArgs(_Strict):
+    """Arguments of :func:`deployments.app.build_app`."""
+
+    models: list[ModelArgs] = Field(min_length=1, description="Served models.")
+    default_model: str | None = Field(None, description="Model for requests without `model` (default: first).")
+    max_documents: int = Field(DEFAULT_MAX_DOCUMENTS, gt=0, description="Most documents per request (413).")
+    max_request_chars: int = Field(
+        DEFAULT_MAX_REQUEST_CHARS, gt=0, description="Most characters of query + documents (413)."
+    )
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="Largest request body (413).")
+    chunk_pairs: int = Field(DEFAULT_CHUNK_PAIRS, gt=0, description="Most documents per chunk sent to a replica.")
+    chunk_tokens: int = Field(DEFAULT_CHUNK_TOKENS, gt=0, description="Padded document tokens per chunk.")
+    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, description="Answer 504 after this.")
+    retry_after_s: int = Field(DEFAULT_RETRY_AFTER_S, ge=0, description="Retry-After of 503 answers.")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty: no auth.")
+    api_keys_env: str | None = Field(
+        None, description="Name of an environment variable holding comma-separated API keys."
+    )
+    ingress: dict[str, Any] = Field(default_factory=dict, description="Serve options of the ingress deployment.")
+
+    @model_validator(mode="after")
+    def _check_names(self):
+        names = [n for m in self.models for n in (m.name, *m.aliases)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names and aliases must be unique: {duplicates}")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the models {names}")
+        for m in self.models:
+            if m.batching.max_batch_size < self.chunk_pairs:
+                raise ValueError(
+                    f"model {m.name!r}: batching.max_batch_size ({m.batching.max_batch_size}) must be "
+                    f">= chunk_pairs ({self.chunk_pairs}), or chunks could never be batched"
+                )
+        return self
+
+    def default_model_name(self) -> str:
+        """The name of the model used when a request names none."""
+        return self.default_model or self.models[0].name

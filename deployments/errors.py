@@ -1,0 +1,87 @@
+"""The closed set of errors the service answers, each with one status code and a JSON body.
+
+Every error body is ``{"error": {"message": str, "type": str, "code": int}}``.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .schemas import ErrorResponse
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status; ``message`` is safe to show the caller."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class ModelNotFound(ServiceError):
+    status, type = 404, "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class Overloaded(ServiceError):
+    status, type = 503, "overloaded"
+
+
+class Timeout(ServiceError):
+    status, type = 504, "timeout"
+
+
+def error_body(status: int, type_: str, message: str) -> dict:
+    return {"error": {"message": message, "type": type_, "code": status}}
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error_body(error.status, error.type, error.message), error.status, error.headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+async def handle_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(InvalidRequest(_describe_validation(exc)))
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        401: "API keys are configured and the bearer token is missing or wrong.",
+        404: "The requested model is not configured.",
+        413: "Too many documents, characters, or body bytes.",
+        422: "Invalid body: empty query, no documents, wrong types, unknown fields, top_k < 1, "
+        "or a query too long to leave room for a document.",
+        503: "Overloaded (back-pressure) or no replica available; see Retry-After.",
+        504: "No answer within the request timeout.",
+    }.items()
+}

@@ -1,0 +1,112 @@
+"""The model replica deployment: holds one engine and batches chunks across requests.
+
+Each call to :meth:`ModelReplica.score` is one *chunk*: one query's shared ids and some of its
+documents (a :class:`~rerank_core.prompt.EncodedQuery`). ``@serve.batch`` gathers the chunks in
+flight on this replica, from any number of requests, and the engine scores them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from ray import serve
+
+from rerank_core import EncodedQuery, EngineConfig, Reranker
+
+from .args import BatchingArgs, ModelArgs
+from .metrics import ReplicaMetrics
+
+logger = logging.getLogger("ray.serve")
+
+
+def count_pairs(chunks: list) -> int:
+    """Batch size of a list of chunks, in document pairs.
+
+    Total by design: an exception here would stop the replica's batching loop for good.
+    """
+    total = 0
+    for chunk in chunks:
+        total += len(getattr(chunk, "documents", ()) or ()) or 1
+    return total
+
+
+@dataclasses.dataclass
+class ReplicaStats:
+    """Counters since start, for ``stats()`` (tests and debugging; metrics carry the same)."""
+
+    batches: int = 0
+    chunks: int = 0
+    pairs: int = 0
+    forward_passes: int = 0
+    max_chunks_in_batch: int = 0
+
+
+@serve.deployment(max_ongoing_requests=128, health_check_period_s=10, health_check_timeout_s=60)
+class ModelReplica:
+    """One replica of one model. Constructed by Serve from :class:`~deployments.args.ModelArgs`."""
+
+    def __init__(self, model: ModelArgs, min_batch_size: int = 1):
+        self.name = model.name
+        self.min_batch_size = min_batch_size
+        config = EngineConfig(
+            device=model.device,
+            dtype=model.dtype,
+            max_length=model.max_length,
+            max_batch_tokens=model.max_batch_tokens,
+            max_batch_pairs=model.max_batch_pairs,
+        )
+        self.engine = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir, config=config)
+        self.metrics = ReplicaMetrics(model.name)
+        self.stats_ = ReplicaStats()
+        logger.info("model %s loaded from %s on %s", model.name, model.source, self.engine.device)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply :class:`~deployments.args.BatchingArgs` without restarting the replica."""
+        batching = BatchingArgs(**user_config)
+        if batching.max_batch_size < self.min_batch_size:
+            raise ValueError(
+                f"max_batch_size {batching.max_batch_size} is below the ingress chunk size "
+                f"{self.min_batch_size}; chunks would fail"
+            )
+        self.score.set_max_batch_size(batching.max_batch_size)
+        self.score.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=count_pairs)
+    async def score(self, chunks: list[EncodedQuery]) -> list[list[float]]:
+        """Scores for each chunk, in order. Call positionally with one chunk."""
+        # The forward pass runs in a worker thread: on the event loop it would stall every other
+        # call to this replica, health checks included.
+        result = await asyncio.to_thread(self.engine.scorer.score, chunks)
+        self._record(len(chunks), result.stats)
+        return result.scores
+
+    def _record(self, num_chunks: int, stats) -> None:
+        s = self.stats_
+        s.batches += 1
+        s.chunks += num_chunks
+        s.pairs += stats.pairs
+        s.forward_passes += stats.forward_passes
+        s.max_chunks_in_batch = max(s.max_chunks_in_batch, num_chunks)
+        m = self.metrics
+        m.chunks.inc(num_chunks)
+        m.pairs.inc(stats.pairs)
+        m.tokens.inc(stats.tokens)
+        m.passes.inc(stats.forward_passes)
+        if stats.padded_tokens:
+            budget = stats.forward_passes * self.engine.config.max_batch_tokens
+            m.batch_fill.observe(min(1.0, stats.padded_tokens / budget))
+            m.padding.observe(1.0 - stats.tokens / stats.padded_tokens)
+
+    def stats(self) -> dict:
+        """Counters since start: batches, chunks, pairs, forward passes, largest batch in chunks."""
+        return dataclasses.asdict(self.stats_)
+
+    def ping(self) -> str:
+        """Liveness for the ingress's ``/health``: answers without touching the model."""
+        return self.name
+
+    async def check_health(self) -> None:
+        """Serve's health check: the engine re-scores a fixed pair (in a thread)."""
+        await asyncio.to_thread(self.engine.check_health)

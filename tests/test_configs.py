@@ -1,0 +1,47 @@
+"""The shipped Serve configs are valid Serve configs whose args validate as AppArgs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app
+from deployments.args import AppArgs
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_both_configs_exist():
+    assert [p.name for p in CONFIGS] == ["serve-cpu.yaml", "serve.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_builds(path):
+    config = ServeDeploySchema(**yaml.safe_load(path.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "deployments.app:build_app"
+    args = AppArgs(**application.args)
+    assert args.models[0].source == "qwen3-reranker-0.6b"
+    build_app(args)  # deployment options are accepted by Serve
+
+
+def test_production_config_is_gpu_bf16_with_autoscaling():
+    args = AppArgs(**yaml.safe_load((CONFIGS[1]).read_text())["applications"][0]["args"])
+    model = args.models[0]
+    assert (model.device, model.dtype) == ("cuda", "bfloat16")
+    assert model.deployment["ray_actor_options"]["num_gpus"] == 1
+    scaling = model.deployment["autoscaling_config"]
+    assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] > scaling["min_replicas"]
+    # Batches are formed from calls in flight: the cap on them must not cap the batch.
+    assert model.deployment["max_ongoing_requests"] >= model.batching.max_batch_size
+
+
+def test_unknown_arg_is_rejected():
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        AppArgs(models=[{"name": "m", "source": "x", "max_lenght": 5}])
+
+
+def test_batch_size_below_chunk_size_is_rejected():
+    with pytest.raises(ValueError, match="must be >= chunk_pairs"):
+        AppArgs(models=[{"name": "m", "source": "x", "batching": {"max_batch_size": 4}}], chunk_pairs=8)

@@ -20,6 +20,7 @@ DEFAULT_CHUNK_PAIRS = 16
 DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_RETRY_AFTER_S = 1
+DEFAULT_MAX_CONCURRENT_REQUESTS = 64
 
 
 class _Strict(BaseModel):
@@ -76,6 +77,13 @@ class AppArgs(_Strict):
     chunk_pairs: int = Field(DEFAULT_CHUNK_PAIRS, gt=0, description="Most documents per chunk sent to a replica.")
     chunk_tokens: int = Field(DEFAULT_CHUNK_TOKENS, gt=0, description="Padded document tokens per chunk.")
     request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, description="Answer 504 after this.")
+    max_concurrent_requests: int = Field(
+        DEFAULT_MAX_CONCURRENT_REQUESTS,
+        gt=0,
+        description="Rerank requests one ingress replica works on at once; more get 503 with "
+        "Retry-After. Keep the ingress's max_ongoing_requests above it so that the excess reaches "
+        "the ingress (JSON 503) instead of queueing in the proxy.",
+    )
     retry_after_s: int = Field(DEFAULT_RETRY_AFTER_S, ge=0, description="Retry-After of 503 answers.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty: no auth.")
     api_keys_env: str | None = Field(

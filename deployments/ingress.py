@@ -125,6 +125,7 @@ class RerankIngress:
         app.state.api_keys = _api_keys(args)
         app.state.max_body_bytes = args.max_body_bytes
         app.state.metrics = IngressMetrics()
+        self.in_flight = 0
 
     # Routes -------------------------------------------------------------------------------
 
@@ -197,8 +198,7 @@ class RerankIngress:
         try:
             await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self.handles.values())), 5.0)
         except (asyncio.TimeoutError, RayActorError, BackPressureError) as e:
-            raise Overloaded(f"not every model has a live replica ({type(e).__name__})",
-                             {"Retry-After": str(self.args.retry_after_s)}) from e
+            raise self._overloaded(f"not every model has a live replica ({type(e).__name__})") from e
         return {"status": "ok", "models": list(self.handles)}
 
     # Work ---------------------------------------------------------------------------------
@@ -206,6 +206,20 @@ class RerankIngress:
     async def _rank(self, model, query, documents, instruction, top_k, max_document_tokens=None) -> Ranking:
         name = self._model_name(model)
         self._check_limits(query, documents)
+        # Admission control per request, not per chunk: shedding some chunks of a request would
+        # waste the work done on the others.
+        if self.in_flight >= self.args.max_concurrent_requests:
+            raise self._overloaded(f"{self.in_flight} requests in progress; retry later")
+        self.in_flight += 1
+        try:
+            return await self._rank_admitted(name, query, documents, instruction, top_k, max_document_tokens)
+        finally:
+            self.in_flight -= 1
+
+    def _overloaded(self, message: str) -> Overloaded:
+        return Overloaded(message, {"Retry-After": str(self.args.retry_after_s)})
+
+    async def _rank_admitted(self, name, query, documents, instruction, top_k, max_document_tokens) -> Ranking:
         encoder = self.encoders[name]
         try:
             # Tokenizing thousands of documents is CPU work: keep the event loop free meanwhile.
@@ -242,11 +256,9 @@ class RerankIngress:
         except asyncio.TimeoutError as e:
             raise Timeout(f"model {name!r} did not answer within {self.args.request_timeout_s} s") from e
         except BackPressureError as e:
-            raise Overloaded(f"model {name!r} is overloaded; retry later",
-                             {"Retry-After": str(self.args.retry_after_s)}) from e
+            raise self._overloaded(f"model {name!r} is overloaded; retry later") from e
         except RayActorError as e:
-            raise Overloaded(f"model {name!r} lost its replica twice; retry later",
-                             {"Retry-After": str(self.args.retry_after_s)}) from e
+            raise self._overloaded(f"model {name!r} lost its replica twice; retry later") from e
         finally:
             for call in calls:
                 call.cancel()

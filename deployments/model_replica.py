@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 
+import ray
 from ray import serve
 
 from rerank_core import EncodedQuery, EngineConfig, Reranker
@@ -102,6 +103,10 @@ class ModelReplica:
     def stats(self) -> dict:
         """Counters since start: batches, chunks, pairs, forward passes, largest batch in chunks."""
         return dataclasses.asdict(self.stats_)
+
+    def actor_name(self) -> str:
+        """This replica's Ray actor name (``SERVE_REPLICA::app#deployment#id``), to find it in tests."""
+        return ray.get_runtime_context().get_actor_name()
 
     def ping(self) -> str:
         """Liveness for the ingress's ``/health``: answers without touching the model."""

@@ -45,3 +45,9 @@ def test_unknown_arg_is_rejected():
 def test_batch_size_below_chunk_size_is_rejected():
     with pytest.raises(ValueError, match="must be >= chunk_pairs"):
         AppArgs(models=[{"name": "m", "source": "x", "batching": {"max_batch_size": 4}}], chunk_pairs=8)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_ingress_answers_its_own_overload(path):
+    args = AppArgs(**yaml.safe_load(path.read_text())["applications"][0]["args"])
+    assert args.ingress["max_ongoing_requests"] > args.max_concurrent_requests

@@ -9,7 +9,7 @@ import requests
 from ray import serve
 
 from deployments.app import build_app, model_deployment_name
-from deployments.args import AppArgs
+from tests.service_helpers import app_args, close, post
 from tests.test_engine import DOCS, QUERY
 
 pytestmark = pytest.mark.slow
@@ -22,44 +22,11 @@ SEED_DOCS = [
 ]
 
 
-def app_args(checkpoint, **overrides) -> AppArgs:
-    model = {
-        "name": "tiny",
-        "source": str(checkpoint),
-        "aliases": ["tiny-alias"],
-        "device": "cpu",
-        "dtype": "float32",
-        "max_length": 512,
-        "deployment": {"ray_actor_options": {"num_cpus": 0}},
-        "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.2},
-    }
-    model.update(overrides.pop("model", {}))
-    args = {
-        "models": [model],
-        "chunk_pairs": 4,
-        "chunk_tokens": 4096,
-        "max_documents": 50,
-        "max_request_chars": 20_000,
-        "max_body_bytes": 200_000,
-        "ingress": {"ray_actor_options": {"num_cpus": 0}},
-    }
-    args.update(overrides)
-    return AppArgs(**args)
-
-
 @pytest.fixture(scope="module")
 def service(ray_cluster, tiny_checkpoint):
     serve.run(build_app(app_args(tiny_checkpoint)), name="main", route_prefix="/")
     yield ray_cluster
     serve.delete("main")
-
-
-def post(url, body, **kwargs):
-    return requests.post(url, json=body, timeout=60, **kwargs)
-
-
-def _close(a, b, tol=1e-5):
-    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= tol
 
 
 def test_seed_example_ranks_with_scores_equal_to_engine(service, reranker):
@@ -69,7 +36,7 @@ def test_seed_example_ranks_with_scores_equal_to_engine(service, reranker):
     expected = reranker.score(SEED_QUERY, SEED_DOCS)
     order = sorted(range(3), key=lambda i: (-expected[i], i))
     assert [x["index"] for x in body["results"]] == order
-    _close([x["relevance_score"] for x in body["results"]], [expected[i] for i in order])
+    close([x["relevance_score"] for x in body["results"]], [expected[i] for i in order])
     assert all("document" not in x for x in body["results"])
     assert body["model"] == "tiny" and body["id"].startswith("rerank-")
     tokens = reranker.encode(SEED_QUERY, SEED_DOCS).num_tokens()
@@ -83,7 +50,7 @@ def test_many_documents_across_chunks_match_engine(service, reranker):
     results = r.json()["results"]
     assert sorted(x["index"] for x in results) == list(range(23))
     expected = reranker.score(QUERY, docs)
-    _close([x["relevance_score"] for x in results], [expected[x["index"]] for x in results])
+    close([x["relevance_score"] for x in results], [expected[x["index"]] for x in results])
     assert [x["document"] for x in results] == [docs[x["index"]] for x in results]
     scores = [x["relevance_score"] for x in results]
     assert scores == sorted(scores, reverse=True)
@@ -103,7 +70,7 @@ def test_instruction_changes_scores_like_the_engine(service, reranker):
     r = post(f"{service}/rerank", {"query": QUERY, "documents": DOCS, "instruction": instruction})
     got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
     expected = reranker.score(QUERY, DOCS, instruction=instruction)
-    _close([got[i] for i in range(len(DOCS))], expected)
+    close([got[i] for i in range(len(DOCS))], expected)
     assert expected != reranker.score(QUERY, DOCS)
 
 
@@ -136,7 +103,7 @@ def test_v2_cohere_sdk_works_unchanged(service, reranker):
     expected = reranker.score(QUERY, DOCS)
     order = sorted(range(len(DOCS)), key=lambda i: (-expected[i], i))[:3]
     assert [x.index for x in response.results] == order
-    _close([x.relevance_score for x in response.results], [expected[i] for i in order])
+    close([x.relevance_score for x in response.results], [expected[i] for i in order])
     assert response.meta.billed_units.search_units == 1
 
 
@@ -148,7 +115,7 @@ def test_v2_max_tokens_per_doc_truncates_and_unused_options_warn(service, rerank
     assert r.status_code == 200, r.text
     got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
     cut = reranker.encoder.encode(QUERY, [long_doc, DOCS[0]], max_document_tokens=5)
-    _close([got[0], got[1]], reranker.score_encoded([cut])[0])
+    close([got[0], got[1]], reranker.score_encoded([cut])[0])
     assert got[0] != pytest.approx(reranker.score(QUERY, [long_doc])[0], abs=1e-6)
     assert r.json()["meta"]["warnings"] == ["priority is accepted but has no effect on this server"]
 
@@ -219,7 +186,7 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_scores(service,
     assert after["max_chunks_in_batch"] >= 2
     for q, r in zip(queries, responses):
         got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
-        _close([got[i] for i in range(3)], reranker.score(q, DOCS[:3]))
+        close([got[i] for i in range(3)], reranker.score(q, DOCS[:3]))
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +215,41 @@ def test_api_keys_guard_every_route_but_health(secure_service):
     for key in ("secret-key", "env-key-2"):
         r = post(f"{secure_service}/v2/rerank", body, headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200, (key, r.text)
+
+
+@pytest.fixture
+def slow_service(ray_cluster, tiny_checkpoint):
+    """One model replica taking one chunk at a time, each batch waiting 1 s, a queue of 1."""
+
+    def start(**overrides):
+        model = {
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 1.0},
+            "deployment": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        }
+        args = app_args(tiny_checkpoint, model=model, retry_after_s=7, **overrides)
+        serve.run(build_app(args), name="slow", route_prefix="/slow")
+        return f"{ray_cluster}/slow"
+
+    yield start
+    serve.delete("slow")
+
+
+def test_back_pressure_answers_503_with_retry_after(slow_service):
+    url = slow_service()
+    body = {"query": QUERY, "documents": DOCS[:2]}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: post(f"{url}/rerank", body), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503}, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"] == "7"
+            assert r.json()["error"]["type"] == "overloaded"
+    assert post(f"{url}/rerank", body).status_code == 200  # and it recovers
+
+
+def test_request_timeout_answers_504(slow_service):
+    url = slow_service(request_timeout_s=0.3)
+    r = post(f"{url}/rerank", {"query": QUERY, "documents": DOCS[:2]})
+    assert r.status_code == 504
+    assert r.json()["error"] == {"message": "model 'tiny' did not answer within 0.3 s", "type": "timeout", "code": 504}

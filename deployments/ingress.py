@@ -126,6 +126,7 @@ class RerankIngress:
         app.state.max_body_bytes = args.max_body_bytes
         app.state.metrics = IngressMetrics()
         self.in_flight = 0
+        self.chunk_retries = 0
 
     # Routes -------------------------------------------------------------------------------
 
@@ -201,6 +202,10 @@ class RerankIngress:
             raise self._overloaded(f"not every model has a live replica ({type(e).__name__})") from e
         return {"status": "ok", "models": list(self.handles)}
 
+    def stats(self) -> dict:
+        """Counters of this ingress replica (for tests and debugging; not an HTTP route)."""
+        return {"in_flight": self.in_flight, "chunk_retries": self.chunk_retries}
+
     # Work ---------------------------------------------------------------------------------
 
     async def _rank(self, model, query, documents, instruction, top_k, max_document_tokens=None) -> Ranking:
@@ -270,4 +275,6 @@ class RerankIngress:
             # Scoring is idempotent: a chunk whose replica died is sent again, and the router
             # no longer picks the dead replica.
             logger.warning("a model replica died during a chunk; retrying it once")
+            self.chunk_retries += 1
+            app.state.metrics.retries.inc()
             return await handle.score.remote(chunk)

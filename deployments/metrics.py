@@ -50,6 +50,9 @@ class IngressMetrics:
         self.requests = Counter(
             "rerank_requests", description="Requests answered, per route and status.", tag_keys=("route", "status")
         )
+        self.retries = Counter(
+            "rerank_chunk_retries", description="Chunks sent again because their replica died."
+        )
 
     def observe(self, route: str, status: int, latency_ms: float) -> None:
         tags = {"route": route, "status": str(status)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from .schemas import ErrorResponse
 
@@ -67,6 +68,20 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 async def handle_service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return error_response(exc)
+
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def handle_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette/FastAPI's own errors (unknown route, body not parseable) in the common shape."""
+    if exc.status_code == 400:
+        # FastAPI answers 400 for bodies it cannot parse at all (invalid UTF-8, nesting too deep):
+        # that is an invalid body like any other.
+        return error_response(InvalidRequest("the body could not be parsed as JSON"))
+    status = exc.status_code
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    return JSONResponse(error_body(status, _HTTP_TYPES.get(status, "http_error"), message), status, exc.headers)
 
 
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

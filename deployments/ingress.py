@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException
 
 from rerank_core import QueryTooLongError, load_encoder, rank_indices
 
@@ -34,6 +35,7 @@ from .errors import (
     Timeout,
     Unauthorized,
     error_response,
+    handle_http_exception,
     handle_service_error,
     handle_validation_error,
 )
@@ -50,6 +52,7 @@ app = FastAPI(
 )
 app.add_exception_handler(ServiceError, handle_service_error)
 app.add_exception_handler(RequestValidationError, handle_validation_error)
+app.add_exception_handler(HTTPException, handle_http_exception)
 
 
 @app.middleware("http")

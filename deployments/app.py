@@ -1,6 +1,8 @@
-"""The application builder: ``import_path: deployments.app:build_app`` in a Serve config."""
+"""The application builder: ``import_path: deployments.app:build_app`` in a Serve config.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Serve validates the config's ``args`` only when
+``build_app``'s annotation is the real :class:`AppArgs` class, not a string.
+"""
 
 from ray.serve import Application
 

@@ -1,18 +1,156 @@
-"""``rerank``: rerank documents from the terminal."""
+"""``rerank``: rerank documents from the terminal.
+
+Only argparse wiring lives here; each command is in its own module and imports torch (through
+``rerank_core``) only when it needs the model, so ``rerank --help`` and ``rerank list`` are fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from .errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line
+from rerank_core import registry
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # rerank_core.config.DTYPES plus "auto"
+
+EPILOG = """\
+exit status: 0 on success, 1 when the work fails (the model cannot be found, downloaded or
+loaded; a file cannot be written), 2 for bad options or inputs.
+environment: RERANK_HUB (default hub), RERANK_CACHE_DIR (default download cache)."""
+
+RUN_EPILOG = """\
+inputs (-i, repeatable, in order):
+  'query: TEXT'    the query (the first input with this prefix; later ones are documents)
+  file://PATH      documents from a file:
+                     .txt    one per line, blank lines skipped
+                     .json   a list of strings, or {"query": ..., "documents": [...]}
+                     .jsonl  one JSON string or {"text": ...} per line
+                   a .json file's query is used when no 'query: ...' input is given
+  TEXT             one document
+
+examples:
+  rerank run -i "query: What is ML?" -i "Machine learning is..." -i "The weather..."
+  rerank run -m /path/to/checkpoint -i "query: rivers" -i file://docs.txt --top-k 5 --json
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rerank: error: ...`` and exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        hint = f"rerank {command} --help" if command else "rerank --help"
+        self.exit(EXIT_USAGE, f"rerank: error: {one_line(message)} (see '{hint}')\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {text!r}")
+    return value
+
+
+def non_blank(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    known = ", ".join(registry.REGISTRY)
+    parser = Parser(
         prog="rerank",
         description="Rerank documents by relevance to a query with Qwen3-Reranker models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_model_source_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--hub", choices=registry.HUBS, default=None,
+                       help=f"hub to download hub ids from (default: $RERANK_HUB or {registry.DEFAULT_HUB})")
+        p.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help="download cache (default: $RERANK_CACHE_DIR, else the hub library's own cache)")
+
+    run = commands.add_parser(
+        "run", help="rank documents against a query on this machine",
+        description="Score documents against a query with a Qwen3-Reranker model on this machine\n"
+                    "and print them best first.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, metavar="MODEL",
+                     help=f"registry name ({known}), hub id or local checkpoint directory "
+                          f"(default: {registry.DEFAULT_MODEL})")
+    run.add_argument("-i", "--input", dest="inputs", action="append", metavar="INPUT",
+                     help="the query ('query: TEXT'), a document, or file://PATH of documents; repeatable")
+    run.add_argument("--top-k", type=positive_int, metavar="K", help="print only the K best documents")
+    run.add_argument("--instruction", type=non_blank, metavar="TEXT",
+                     help="task instruction of the prompt (default: the model card's web search instruction)")
+    run.add_argument("--max-length", type=positive_int, metavar="TOKENS",
+                     help="longest query+document prompt in tokens; longer documents are cut (default: 8192)")
+    run.add_argument("--device", metavar="DEVICE", help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
+    run.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA, else float32)")
+    add_model_source_options(run)
+    run.add_argument("--json", action="store_true",
+                     help="print the POST /rerank response body (with documents) instead of a table")
+    run.add_argument("-o", "--output", metavar="FILE", help="also write the JSON response body to FILE")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar on stderr (shown above 64 documents)")
+    run.set_defaults(handler="rerank_cli.run_cmd:run")
+
+    ls = commands.add_parser(
+        "list", help="list the known models and whether they are cached",
+        description="List the registry's models: name, hub id, size, the default (*), and whether "
+                    "the weights are in the local ModelScope or Hugging Face cache (no network).",
+    )
+    ls.add_argument("--cache-dir", metavar="DIR", default=None,
+                    help="look in this download cache (default: $RERANK_CACHE_DIR, else the hubs' default caches)")
+    ls.add_argument("--json", action="store_true", help="print a JSON list (with the cached directories)")
+    ls.set_defaults(handler="rerank_cli.models_cmd:list_models")
+
+    dl = commands.add_parser(
+        "download", help="download a model's weights into the cache",
+        description="Download a model into the cache (or find it there) and print its local directory.",
+    )
+    dl.add_argument("model", metavar="MODEL", help=f"registry name ({known}) or hub id")
+    add_model_source_options(dl)
+    dl.set_defaults(handler="rerank_cli.models_cmd:download")
+
+    sv = commands.add_parser(
+        "serve", help="run the HTTP service locally (Ray Serve)",
+        description="Start the Ray Serve application locally with `serve run` until Ctrl-C. CONFIG is "
+                    "not modified: --model/--port/--host are applied to a temporary copy.",
+    )
+    sv.add_argument("config", nargs="?", metavar="CONFIG",
+                    help="Serve config YAML (default: the repository's configs/serve-cpu.yaml)")
+    sv.add_argument("--model", metavar="SOURCE",
+                    help="model source (name, hub id or directory) for the first model of the first application")
+    sv.add_argument("--port", type=port_number, help="HTTP port (default: the config's http_options.port)")
+    sv.add_argument("--host", help="HTTP host (default: the config's http_options.host)")
+    sv.add_argument("--address", metavar="ADDRESS",
+                    help="Ray cluster to deploy to, e.g. 'auto' for the one `ray start` launched "
+                         "(default: $RAY_ADDRESS, else 'local': a new local cluster, stopped with the app)")
+    sv.set_defaults(handler="rerank_cli.serve_cmd:serve")
     return parser
+
+
+def _handler(spec: str):
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return _handler(args.handler)(args)
+    except UsageError as e:
+        return _fail(e, EXIT_USAGE)
+    # The except clause's tuple is evaluated only when an exception gets here, so it can name the
+    # ModelSourceError classes loaded by then (rerank_core's, and/or the torch-free copy's).
+    except (ValueError, OSError, json.JSONDecodeError, registry.ModelSourceError) as e:
+        return _fail(e, EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        print("rerank: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(error: BaseException, code: int) -> int:
+    sys.stdout.flush()
+    print(f"rerank: error: {one_line(error) or type(error).__name__}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -3,28 +3,40 @@
     from rerank_core import Reranker
     reranker = Reranker.load("qwen3-reranker-0.6b")
     reranker.rank("What is ML?", ["Machine learning is ...", "The weather ..."], top_k=1)
+
+Names are imported on first use (PEP 562), so that ``rerank_core.registry`` and
+``rerank_core.prompt`` load without torch: the CLI's ``--help`` and ``list`` stay instant.
 """
 
-from .config import EngineConfig
-from .prompt import DEFAULT_INSTRUCTION, EncodedQuery, PromptEncoder, QueryTooLongError
-from .ranking import RankResult, rank, rank_indices
-from .registry import REGISTRY, ModelSourceError, ModelSpec, resolve_source
-from .reranker import Reranker, load_encoder, validate_request
+from importlib import import_module
 
-__all__ = [
-    "DEFAULT_INSTRUCTION",
-    "REGISTRY",
-    "EncodedQuery",
-    "EngineConfig",
-    "ModelSourceError",
-    "ModelSpec",
-    "PromptEncoder",
-    "QueryTooLongError",
-    "RankResult",
-    "Reranker",
-    "load_encoder",
-    "rank",
-    "rank_indices",
-    "resolve_source",
-    "validate_request",
-]
+_EXPORTS = {
+    "DEFAULT_INSTRUCTION": "prompt",
+    "EncodedQuery": "prompt",
+    "PromptEncoder": "prompt",
+    "QueryTooLongError": "prompt",
+    "EngineConfig": "config",
+    "RankResult": "ranking",
+    "rank": "ranking",
+    "rank_indices": "ranking",
+    "REGISTRY": "registry",
+    "ModelSourceError": "registry",
+    "ModelSpec": "registry",
+    "resolve_source": "registry",
+    "Reranker": "reranker",
+    "load_encoder": "reranker",
+    "validate_request": "reranker",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rerank_core' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -109,7 +109,7 @@ class PromptEncoder:
             )
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode(
         self,
@@ -144,8 +144,10 @@ class PromptEncoder:
             )
         if max_document_tokens is not None:
             budget = min(budget, max_document_tokens)
+        # verbose=False: documents longer than the tokenizer's model_max_length are expected here;
+        # they are cut below, so its warning would only be noise.
         encoded = self.tokenizer(
-            [" " + doc for doc in documents], add_special_tokens=False
+            [" " + doc for doc in documents], add_special_tokens=False, verbose=False
         )["input_ids"]
         return EncodedQuery(
             shared=self.prefix_ids + shared_body,

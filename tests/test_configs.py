@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import build_app
@@ -17,13 +20,19 @@ def test_both_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_builds(path):
+def test_config_parses_and_builds_the_way_serve_run_does(path):
     config = ServeDeploySchema(**yaml.safe_load(path.read_text()))
     (application,) = config.applications
     assert application.import_path == "deployments.app:build_app"
-    args = AppArgs(**application.args)
-    assert args.models[0].source == "qwen3-reranker-0.6b"
-    build_app(args)  # deployment options are accepted by Serve
+    # Serve hands the builder the YAML args as a dict and validates them against its annotation.
+    app = call_user_app_builder_with_args_if_necessary(build_app, application.args)
+    assert isinstance(app, Application)
+    assert AppArgs(**application.args).models[0].source == "qwen3-reranker-0.6b"
+
+
+def test_serve_rejects_bad_args_through_the_builder_annotation():
+    with pytest.raises(ValidationError, match="max_lenght"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"models": [{"name": "m", "source": "x", "max_lenght": 1}]})
 
 
 def test_production_config_is_gpu_bf16_with_autoscaling():

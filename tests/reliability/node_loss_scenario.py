@@ -61,15 +61,19 @@ def main(checkpoint: str) -> dict:
     handle = serve.get_deployment_handle(model_deployment_name("tiny"), app_name="nodes")
     url = f"http://127.0.0.1:{port}/rerank"
     outcomes: list[tuple[float, bool]] = []
+    failure_kinds: dict[str, int] = {}
     stop = threading.Event()
 
     def client():
         while not stop.is_set():
             try:
-                ok = requests.post(url, json={"query": QUERY, "documents": DOCS}, timeout=60).status_code == 200
-            except requests.RequestException:
-                ok = False
-            outcomes.append((time.monotonic(), ok))
+                r = requests.post(url, json={"query": QUERY, "documents": DOCS}, timeout=60)
+                kind = None if r.status_code == 200 else f"{r.status_code}: {r.text[:120]}"
+            except requests.RequestException as e:
+                kind = type(e).__name__
+            if kind is not None:
+                failure_kinds[kind] = failure_kinds.get(kind, 0) + 1
+            outcomes.append((time.monotonic(), kind is None))
 
     threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
     for t in threads:
@@ -105,6 +109,7 @@ def main(checkpoint: str) -> dict:
         "recovery_s": round(max(0.0, last_failure - removed_at), 1),
         "replacement_replica_s": None if replicas_back is None else round(replicas_back, 1),
         "final_status": final,
+        "failure_kinds": failure_kinds,
     }
 
 

@@ -1,0 +1,76 @@
+"""``rerank run``: score documents against a query on this machine and print the ranking."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import UsageError
+from .inputs import parse_inputs
+from .output import Progress, response_body, table, to_json
+from rerank_core import registry
+
+SLICE = 64  # documents per call to the engine; the progress bar moves once per slice
+PROGRESS_ABOVE = 64  # show a progress bar when there are more documents than this
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked before loading it.
+    inputs = parse_inputs(args.inputs or [])
+    output = Path(args.output).expanduser() if args.output else None
+    if output is not None and not output.parent.is_dir():
+        raise UsageError(f"argument -o/--output: directory {output.parent} does not exist")
+    path = registry.resolve_source(args.model, hub=args.hub, cache_dir=args.cache_dir)
+
+    from rerank_core import Reranker, rank  # torch and transformers: seconds
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # stderr is for errors and our own progress bar
+    _check_device(args.device)
+    reranker = Reranker.load(path, device=args.device, dtype=args.dtype, max_length=args.max_length)
+    show_progress = len(inputs.documents) > PROGRESS_ABOVE and not args.no_progress
+    scores, num_tokens = score_in_slices(
+        reranker, inputs.query, inputs.documents, args.instruction, show_progress
+    )
+    results = rank(scores, inputs.documents, args.top_k)
+    body = response_body(args.model, results, num_tokens)
+    print(to_json(body) if args.json else table(body), flush=True)
+    if output is not None:
+        try:
+            output.write_text(to_json(body) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OSError(f"cannot write {output}: {e.strerror or e}") from e
+    return 0
+
+
+def score_in_slices(reranker, query: str, documents: list[str], instruction: str | None,
+                    show_progress: bool = False) -> tuple[list[float], int]:
+    """Scores of ``documents`` in input order and the pair tokens counted, ``SLICE`` at a time."""
+    scores: list[float] = []
+    num_tokens = 0
+    progress = Progress(len(documents)) if show_progress else None
+    try:
+        for start in range(0, len(documents), SLICE):
+            chunk = documents[start:start + SLICE]
+            encoded = reranker.encode(query, chunk, instruction)
+            scores.extend(reranker.score_encoded([encoded])[0])
+            num_tokens += encoded.num_tokens()
+            if progress is not None:
+                progress.update(len(chunk))
+    finally:
+        if progress is not None:
+            progress.close()
+    return scores, num_tokens
+
+
+def _check_device(device: str | None) -> None:
+    if device is None or device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"argument --device: invalid device {device!r} ({e})") from e
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")

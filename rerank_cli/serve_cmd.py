@@ -1,0 +1,167 @@
+"""``rerank serve``: run the Serve application locally with ``serve run`` as a child process.
+
+The config (``configs/serve-cpu.yaml`` by default) is never edited: it is loaded, patched with
+``--model``/``--port``/``--host`` and written to a temporary file that ``serve run`` reads.
+
+``serve run`` gets ``--address local`` unless ``--address`` or ``$RAY_ADDRESS`` names a cluster:
+it then starts a new local Ray cluster (never joining one that ``ray start`` left running) and
+shuts Serve and that cluster down when it gets SIGINT. So the child runs in its own session
+(a terminal's Ctrl-C reaches only this process, which passes it on exactly once), and the first
+SIGINT, SIGTERM or SIGHUP this process receives is sent to the child as SIGINT; any further one
+is sent as SIGTERM. On Linux the child also gets SIGINT if this process dies. If ``serve run``
+dies without shutting down (SIGTERM, SIGKILL), Ray's fate sharing still stops the processes of
+the cluster it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+from rerank_core import registry
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def configs_dir() -> Path:
+    """The repository's ``configs/`` folder, next to the ``rerank_cli`` package."""
+    import rerank_cli
+
+    return Path(rerank_cli.__file__).resolve().parent.parent / "configs"
+
+
+def default_config() -> Path:
+    return configs_dir() / "serve-cpu.yaml"
+
+
+def serve(args: argparse.Namespace) -> int:
+    config_path = Path(args.config).expanduser() if args.config else default_config()
+    if not config_path.is_file():
+        where = "" if args.config else " (the default; pass a CONFIG path, e.g. configs/serve-cpu.yaml)"
+        raise UsageError(f"config file {config_path} not found{where}")
+    config = load_config(config_path)
+    model = first_model(config, config_path)
+    if args.model is not None:
+        model["source"] = checked_source(args.model)
+    http = config.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise UsageError(f"{config_path}: http_options must be a mapping")
+    config["http_options"] = http
+    if args.port is not None:
+        http["port"] = args.port
+    if args.host is not None:
+        http["host"] = args.host
+
+    patched = write_temp_config(config)
+    try:
+        url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{_route_prefix(config)}"
+        print(f"rerank: serving {config_path} with model source {model.get('source')!r} at {url} "
+              f"(Ctrl-C to stop)", flush=True)
+        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+        return run_child([*serve_command(), "run", str(patched), "--address", address])
+    finally:
+        patched.unlink(missing_ok=True)
+
+
+def load_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a Serve config (expected a mapping at the top)")
+    return config
+
+
+def first_model(config: dict, path: Path) -> dict:
+    """``applications[0].args.models[0]`` of ``config``, the entry ``--model`` patches."""
+    try:
+        model = config["applications"][0]["args"]["models"][0]
+    except (KeyError, IndexError, TypeError):
+        model = None
+    if not isinstance(model, dict):
+        raise UsageError(f"{path} has no applications[0].args.models[0] entry to serve")
+    return model
+
+
+def checked_source(source: str) -> str:
+    """``source`` made absolute if it is a local directory; unknown sources are rejected now."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise registry.ModelSourceError(f"{path} is a directory but holds no config.json checkpoint")
+        return str(path.resolve())
+    if registry.resolve_hub_id(source) is None:
+        registry.resolve_source(source)  # raises ModelSourceError naming the known sources
+    return source
+
+
+def write_temp_config(config: dict) -> Path:
+    import yaml
+
+    fd, name = tempfile.mkstemp(prefix="rerank-serve-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return Path(name)
+
+
+def serve_command() -> list[str]:
+    """Ray's ``serve`` CLI, run by this interpreter (the ``serve`` script next to it if present)."""
+    script = Path(sys.executable).parent / "serve"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli(prog_name='serve'))"]
+
+
+def run_child(command: list[str]) -> int:
+    """Run ``command``, passing signals on as described in the module docstring; its exit code."""
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_prepare_child)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT if len(received) == 1 else signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code if code >= 0 else 128 - code
+
+
+def _prepare_child() -> None:
+    """In the child, before exec: make SIGINT reach ``serve run`` and, on Linux, have it sent
+    when this process dies.
+
+    SIGINT is reset to its default because an ignored SIGINT (a job started with ``&`` from a
+    script, ``nohup``) would be inherited, and Python then never raises KeyboardInterrupt.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _route_prefix(config: dict) -> str:
+    try:
+        prefix = config["applications"][0].get("route_prefix") or "/"
+    except (KeyError, IndexError, TypeError, AttributeError):
+        prefix = "/"
+    return prefix

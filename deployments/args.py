@@ -56,6 +56,9 @@ class ModelArgs(_Strict):
         DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Padded document tokens per forward pass."
     )
     max_batch_pairs: int = Field(DEFAULT_MAX_BATCH_PAIRS, gt=0, description="Pairs per forward pass.")
+    max_padding: float | None = Field(
+        None, ge=0, le=1, description="Largest share of padding in a forward pass (default: 0.1 on CPU, 0.5 on CUDA)."
+    )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
     deployment: dict[str, Any] = Field(
         default_factory=dict,

@@ -11,6 +11,10 @@ from .prompt import DEFAULT_MAX_LENGTH
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_PAIRS = 64
+# Share of a forward pass that may be padding, by device type. On a CPU a pass of one row is
+# already efficient, so padding is nearly pure waste; a GPU pass has a fixed cost that fuller
+# batches amortize.
+DEFAULT_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class EngineConfig:
         max_batch_tokens: padded document tokens per forward pass.
         max_batch_pairs: pairs per forward pass.
         share_prefix: compute the part shared by a query's documents once (exact up to rounding).
+        max_padding: largest share of padding in a forward pass, in [0, 1]; ``None``: by device
+            (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
     """
 
     device: str = "auto"
@@ -33,6 +39,7 @@ class EngineConfig:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS
     share_prefix: bool = True
+    max_padding: float | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -40,12 +47,20 @@ class EngineConfig:
         for name in ("max_length", "max_batch_tokens", "max_batch_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_padding is not None and not 0.0 <= self.max_padding <= 1.0:
+            raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
 
     def torch_device(self) -> torch.device:
         """The device to run on, with ``"auto"`` resolved."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def padding_share(self, device: torch.device) -> float:
+        """:attr:`max_padding`, with ``None`` resolved for the device the model is on."""
+        if self.max_padding is not None:
+            return self.max_padding
+        return DEFAULT_MAX_PADDING.get(device.type, 0.5)
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""

@@ -88,6 +88,8 @@ class PairScorer:
         max_batch_tokens: padded tokens per forward pass (a longer single row still runs alone).
         max_batch_pairs: rows per forward pass.
         share_prefix: compute each query's shared part once (exact up to rounding).
+        max_padding: largest share of padding in a forward pass (see
+            :func:`~rerank_core.batching.plan_batches`).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class PairScorer:
         max_batch_tokens: int,
         max_batch_pairs: int,
         share_prefix: bool = True,
+        max_padding: float = 1.0,
     ):
         layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -106,6 +109,7 @@ class PairScorer:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_pairs = max_batch_pairs
         self.share_prefix = share_prefix
+        self.max_padding = max_padding
         self.device = next(backbone.parameters()).device
         # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
         params = inspect.signature(backbone.forward).parameters
@@ -130,7 +134,7 @@ class PairScorer:
         else:
             prefixes = None
             lengths = [len(queries[q].shared) + len(queries[q].documents[d]) for q, d in rows]
-        for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs):
+        for batch in self._plan(lengths):
             batch_rows = [rows[i] for i in batch]
             probs = self._run_rows(queries, batch_rows, prefixes).tolist()
             for (q, d), p in zip(batch_rows, probs):
@@ -140,12 +144,15 @@ class PairScorer:
             padded += len(batch) * max(lengths[i] for i in batch)
         return BatchScores(scores, ForwardStats(len(rows), passes, tokens, padded))
 
+    def _plan(self, lengths: list[int]) -> list[list[int]]:
+        return plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs, self.max_padding)
+
     def _run_prefixes(self, queries: Sequence[EncodedQuery]) -> tuple[_Prefixes, int, int]:
         lengths = [len(q.shared) for q in queries]
         location: list[tuple[int, int]] = [(0, 0)] * len(queries)
         batches = []
         padded = 0
-        for b, batch in enumerate(plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs)):
+        for b, batch in enumerate(self._plan(lengths)):
             ids, _ = self._pad([queries[q].shared for q in batch])
             recorder = _PrefixKV()
             # No mask (causal only): with right padding, real tokens never see the padding.

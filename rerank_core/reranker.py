@@ -70,7 +70,12 @@ class Reranker:
         head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)
         # Only the decoder and the one-row head are kept: the vocabulary projection is never run.
         self.scorer = PairScorer(
-            model.get_decoder(), head, config.max_batch_tokens, config.max_batch_pairs, config.share_prefix
+            model.get_decoder(),
+            head,
+            config.max_batch_tokens,
+            config.max_batch_pairs,
+            config.share_prefix,
+            config.padding_share(device),
         )
         self.device = device
         self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]

@@ -59,3 +59,30 @@ def test_empty_input_gives_no_batches():
 def test_bad_budget_is_an_error(tokens, rows):
     with pytest.raises(ValueError, match="must be >= 1"):
         plan_batches([1, 2], max_tokens=tokens, max_rows=rows)
+
+
+def test_padding_share_caps_each_batch():
+    lengths = [100, 95, 90, 50, 48, 10]
+    batches = plan_batches(lengths, max_tokens=10_000, max_rows=8, max_padding=0.1)
+    assert batches == [[0, 1, 2], [3, 4], [5]]
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded - sum(lengths[i] for i in batch) <= 0.1 * padded
+
+
+def test_zero_padding_batches_only_equal_lengths():
+    assert plan_batches([7, 5, 7, 5, 6], max_tokens=100, max_rows=8, max_padding=0.0) == [[0, 2], [4], [1, 3]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_padding_cap_on_random_lengths(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 500) for _ in range(300)]
+    for batch in plan_batches(lengths, max_tokens=4096, max_rows=32, max_padding=0.2):
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded - sum(lengths[i] for i in batch) <= 0.2 * padded or len(batch) == 1
+
+
+def test_bad_padding_share_is_an_error():
+    with pytest.raises(ValueError, match="max_padding must be in"):
+        plan_batches([1], max_tokens=10, max_rows=2, max_padding=1.5)

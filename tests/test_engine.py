@@ -96,9 +96,10 @@ def test_score_does_not_depend_on_batch_companions(tiny_checkpoint, share_prefix
     _close(alone, together)
 
 
-def test_queries_sharing_one_forward_pass_match_separate_calls(reranker):
+def test_queries_sharing_one_forward_pass_match_separate_calls(tiny_checkpoint, reranker):
     other = "Which language is spoken in France?"
-    result = reranker.scorer.score([reranker.encode(QUERY, DOCS), reranker.encode(other, DOCS[::-1])])
+    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(max_padding=1.0))
+    result = engine.scorer.score([engine.encode(QUERY, DOCS), engine.encode(other, DOCS[::-1])])
     assert result.stats.forward_passes == 2  # one prefix pass, one document pass
     mixed = result.scores
     _close(mixed[0], reranker.score(QUERY, DOCS))
@@ -159,9 +160,12 @@ def test_health_check_passes_on_a_sound_model(reranker):
     reranker.check_health()
 
 
-def test_auto_device_and_dtype_on_cpu(reranker):
+def test_auto_device_dtype_and_padding_on_cpu(reranker):
     config = EngineConfig()
     assert str(config.torch_device()) == "cpu"
     assert str(config.torch_dtype()) == "torch.float32"
+    assert reranker.scorer.max_padding == 0.1
+    assert EngineConfig(max_padding=0.3).padding_share(torch.device("cpu")) == 0.3
+    assert config.padding_share(torch.device("cuda")) == 0.5
     assert reranker.device.type == "cpu"
     assert reranker.scorer.head.weight.dtype == torch.float32

@@ -45,7 +45,7 @@ WORDS = (
 def make_requests(n: int, docs: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         query = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + "?"
         lengths = [30 + (270 * j) // max(1, docs - 1) for j in range(docs)]
         rng.shuffle(lengths)

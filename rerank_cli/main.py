@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from .errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line
 from rerank_core import registry
+
+from .errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # rerank_core.config.DTYPES plus "auto"
 

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from .cache import cached_paths
 from rerank_core import registry
+
+from .cache import cached_paths
 
 
 def list_models(args: argparse.Namespace) -> int:

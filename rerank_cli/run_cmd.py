@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rerank_core import registry
+
 from .errors import UsageError
 from .inputs import parse_inputs
 from .output import Progress, response_body, table, to_json
-from rerank_core import registry
 
 SLICE = 64  # documents per call to the engine; the progress bar moves once per slice
 PROGRESS_ABOVE = 64  # show a progress bar when there are more documents than this
@@ -22,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"argument -o/--output: directory {output.parent} does not exist")
     path = registry.resolve_source(args.model, hub=args.hub, cache_dir=args.cache_dir)
 
-    from rerank_core import Reranker, rank  # torch and transformers: seconds
     from transformers.utils import logging as transformers_logging
+
+    from rerank_core import Reranker, rank  # torch and transformers: seconds
 
     transformers_logging.disable_progress_bar()  # stderr is for errors and our own progress bar
     _check_device(args.device)

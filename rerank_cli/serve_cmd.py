@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
 from rerank_core import registry
+
+from .errors import UsageError
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

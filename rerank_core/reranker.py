@@ -7,7 +7,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 
-
 from .config import EngineConfig
 from .forward import PairScorer
 from .head import YesNoHead, answer_token_ids

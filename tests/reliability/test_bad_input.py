@@ -12,9 +12,9 @@ import json
 import pytest
 import requests
 import schemathesis
-from schemathesis.generation import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from ray import serve
+from schemathesis.generation import GenerationMode
 
 from deployments.app import build_app
 from tests.reliability.conftest import report

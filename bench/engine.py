@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
     }
-    shape = checkpoint_shape(checkpoint)
-    shape_note = "exact Qwen3-Reranker-0.6B shape" if shape == QWEN3_06B_SHAPE else f"NOT the 0.6B shape: {shape}"
+    arch = checkpoint_shape(checkpoint)
+    shape_note = "exact Qwen3-Reranker-0.6B shape" if arch == QWEN3_06B_SHAPE else f"NOT the 0.6B shape: {arch}"
     print(f"checkpoint: {checkpoint} ({'built now' if built else 'reused'}; {shape_note})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torch.get_num_threads()={threads}, interop={torch.get_num_interop_threads()}, cpus={os.cpu_count()}")
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "mode": "quick" if args.quick else "full",
             "checkpoint": str(checkpoint),
-            "checkpoint_shape": shape,
+            "checkpoint_shape": arch,
             "checkpoint_note": shape_note,
             "machine": machine,
             "workload_a": {

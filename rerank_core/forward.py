@@ -203,6 +203,14 @@ class PairScorer:
         One indexed copy per prefix batch and layer (not per row): this runs for every batch.
         """
         width = max(prefixes.lengths[q] for q in query_of_row)
+        if len(set(query_of_row)) == 1:
+            # One query (the common case): a broadcast view of its row, no copy per row and layer.
+            b, row = prefixes.location[query_of_row[0]]
+            n = len(query_of_row)
+            return [
+                (k[row : row + 1, :, :width].expand(n, -1, -1, -1), v[row : row + 1, :, :width].expand(n, -1, -1, -1))
+                for k, v in prefixes.batches[b]
+            ]
         sources: dict[int, tuple[list[int], list[int]]] = {}
         for position, q in enumerate(query_of_row):
             b, row = prefixes.location[q]

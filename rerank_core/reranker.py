@@ -23,14 +23,18 @@ def load_encoder(source: str | os.PathLike, max_length: int, hub=None, cache_dir
     Raises:
         ModelSourceError: see :func:`~rerank_core.registry.resolve_source`, or unreadable files.
     """
+    path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
+    return PromptEncoder(_load_tokenizer(path), max_length)
+
+
+def _load_tokenizer(path):
+    """The checkpoint's tokenizer; unreadable files become a :class:`ModelSourceError`."""
     from transformers import AutoTokenizer
 
-    path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelSourceError(f"cannot load a tokenizer from {path}: {e}") from e
-    return PromptEncoder(tokenizer, max_length)
 
 
 def validate_request(query, documents, instruction=None) -> None:
@@ -105,15 +109,15 @@ class Reranker:
             ModelSourceError: the source cannot be found, downloaded or read.
             ValueError: bad settings, or a checkpoint that is not a Qwen3 causal LM reranker.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         given = {"device": device, "dtype": dtype, "max_length": max_length}
         overrides = {k: v for k, v in given.items() if v is not None}
         config = replace(config or EngineConfig(), **overrides)
         path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
         torch_device = config.torch_device()
+        tokenizer = _load_tokenizer(path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=config.torch_dtype(), attn_implementation="sdpa"
             )

@@ -213,7 +213,7 @@ def useful_flops(config, shared_len: int, doc_lens: list[int]) -> dict:
     }
 
 
-def executed_flops_estimate(config, shared_len: int, doc_lens: list[int], plan) -> dict:
+def executed_flops_estimate(config, shared_len: int, doc_lens: list[int], plan, packed: bool = False) -> dict:
     """Rough FLOPs each procedure *executes* on workload A, padding and recomputation included.
 
     For explaining the speedup only (the targets use :func:`useful_flops`). Linear layers and
@@ -224,7 +224,8 @@ def executed_flops_estimate(config, shared_len: int, doc_lens: list[int], plan) 
       pass, then the full 151,669-wide LM head on every position (``logits_to_keep`` is 0);
     * engine: the shared prefix once (causal, no mask), then the document parts in the batches
       that ``plan(doc_lens)`` returns (the engine's own planner), each row attending to prefix +
-      its batch width.
+      its batch width; with ``packed`` passes there is no padding and each row attends to prefix +
+      its own length.
     """
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
@@ -243,11 +244,15 @@ def executed_flops_estimate(config, shared_len: int, doc_lens: list[int], plan) 
     official["total"] = official["linear"] + official["attention"] + official["lm_head"]
 
     batches = plan(doc_lens)
-    padded = shared_len + sum(len(b) * max(doc_lens[i] for i in b) for b in batches)
     attention = per_pair_key * shared_len * shared_len // 2
-    for b in batches:
-        w = max(doc_lens[i] for i in b)
-        attention += per_pair_key * len(b) * w * (shared_len + w)
+    if packed:
+        padded = shared_len + sum(doc_lens)
+        attention += sum(per_pair_key * w * (shared_len + w) for w in doc_lens)
+    else:
+        padded = shared_len + sum(len(b) * max(doc_lens[i] for i in b) for b in batches)
+        for b in batches:
+            w = max(doc_lens[i] for i in b)
+            attention += per_pair_key * len(b) * w * (shared_len + w)
     engine = {
         "padded_tokens": padded,
         "linear": per_token * padded,
@@ -321,28 +326,33 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def engine_config(max_batch_tokens: int | None, max_batch_pairs: int | None, max_padding: float | None = None):
-    """The engine's default :class:`EngineConfig`, with the batch budgets overridden when given."""
+def engine_config(max_batch_tokens: int | None, max_batch_pairs: int | None, max_padding: float | None = None,
+                  packing: bool | None = None):
+    """The engine's default :class:`EngineConfig`, with the batch settings overridden when given."""
     from rerank_core import EngineConfig
 
     overrides = {"max_batch_tokens": max_batch_tokens, "max_batch_pairs": max_batch_pairs,
-                 "max_padding": max_padding}
+                 "max_padding": max_padding, "packing": packing}
     return EngineConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def engine_plan(scorer):
-    """The batch planner ``scorer`` uses for document rows: ``lengths -> batches of indices``."""
-    from rerank_core.batching import plan_batches
+    """The planner ``scorer`` uses for document rows: ``lengths -> passes of indices``, and whether
+    its passes are packed (rows joined without padding) or padded."""
+    from rerank_core.batching import plan_batches, plan_packed
 
+    if getattr(scorer, "packing", False):
+        return (lambda lengths: plan_packed(lengths, scorer.max_batch_tokens, scorer.max_batch_pairs)), True
     max_padding = getattr(scorer, "max_padding", None)
     if max_padding is None:  # an engine without a padding cap
-        return lambda lengths: plan_batches(lengths, scorer.max_batch_tokens, scorer.max_batch_pairs)
-    return lambda lengths: plan_batches(lengths, scorer.max_batch_tokens, scorer.max_batch_pairs, max_padding)
+        return (lambda lengths: plan_batches(lengths, scorer.max_batch_tokens, scorer.max_batch_pairs)), False
+    return (lambda lengths: plan_batches(lengths, scorer.max_batch_tokens, scorer.max_batch_pairs, max_padding)), False
 
 
 def describe_config(scorer) -> dict:
     return {"max_batch_tokens": scorer.max_batch_tokens, "max_batch_pairs": scorer.max_batch_pairs,
-            "share_prefix": scorer.share_prefix, "max_padding": getattr(scorer, "max_padding", None)}
+            "share_prefix": scorer.share_prefix, "max_padding": getattr(scorer, "max_padding", None),
+            "packing": getattr(scorer, "packing", False)}
 
 
 def memory_child(checkpoint: str, docs: int, words: int, config) -> None:
@@ -444,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override EngineConfig.max_batch_pairs (default: the engine's own default)")
     parser.add_argument("--max-padding", type=float, default=None,
                         help="override EngineConfig.max_padding (default: the engine's own default for the device)")
+    parser.add_argument("--packing", choices=("on", "off"), default=None,
+                        help="override EngineConfig.packing (default: the engine's own default for the device)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -451,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     matmul_repeats = args.matmul_repeats or (3 if args.quick else 5)
     memory_docs = args.memory_docs or (8 if args.quick else 64)
-    config = engine_config(args.max_batch_tokens, args.max_batch_pairs, args.max_padding)
+    packing = None if args.packing is None else args.packing == "on"
+    config = engine_config(args.max_batch_tokens, args.max_batch_pairs, args.max_padding, packing)
     budgets = []
     if args.max_batch_tokens is not None:
         budgets += ["--max-batch-tokens", str(args.max_batch_tokens)]
@@ -459,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         budgets += ["--max-batch-pairs", str(args.max_batch_pairs)]
     if args.max_padding is not None:
         budgets += ["--max-padding", str(args.max_padding)]
+    if args.packing is not None:
+        budgets += ["--packing", args.packing]
 
     if args.memory_child:
         memory_child(args.memory_child, memory_docs, args.memory_words, config)
@@ -520,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = useful_flops(engine.scorer.backbone.config, len(encoded.shared), [len(d) for d in encoded.documents])
     stats = engine.scorer.score([encoded]).stats
     executed = executed_flops_estimate(engine.scorer.backbone.config, len(encoded.shared),
-                                       [len(d) for d in encoded.documents], engine_plan(engine.scorer))
+                                       [len(d) for d in encoded.documents], *engine_plan(engine.scorer))
     print(f"[A] 16 documents, {min(len(d.split()) for d in documents)}..{max(len(d.split()) for d in documents)} words; "
           f"shared prefix {len(encoded.shared)} tokens, document parts {sum(len(d) for d in encoded.documents)} tokens; "
           f"official pair tokens {encoded.num_tokens()}; engine padded tokens {stats.padded_tokens} "

@@ -53,11 +53,14 @@ class ModelArgs(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     max_batch_tokens: int = Field(
-        DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Padded document tokens per forward pass."
+        DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Document tokens per forward pass, padding included."
     )
     max_batch_pairs: int = Field(DEFAULT_MAX_BATCH_PAIRS, gt=0, description="Pairs per forward pass.")
     max_padding: float | None = Field(
-        None, ge=0, le=1, description="Largest share of padding in a forward pass (default: 0.1 on CPU, 0.5 on CUDA)."
+        None, ge=0, le=1, description="Largest share of padding in a padded forward pass (default: 0.1 on CPU, 0.5 on CUDA)."
+    )
+    packing: bool | None = Field(
+        None, description="Packed forward passes: rows joined without padding (default: on for CPU, off on CUDA)."
     )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
     deployment: dict[str, Any] = Field(

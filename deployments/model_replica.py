@@ -58,6 +58,7 @@ class ModelReplica:
             max_batch_tokens=model.max_batch_tokens,
             max_batch_pairs=model.max_batch_pairs,
             max_padding=model.max_padding,
+            packing=model.packing,
         )
         self.engine = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir, config=config)
         self.metrics = ReplicaMetrics(model.name)

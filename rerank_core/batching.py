@@ -57,3 +57,40 @@ def plan_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def plan_packed(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Group row indices into packed passes (rows concatenated, no padding) under a budget.
+
+    First-fit decreasing: rows are taken longest first and each goes into the first pass that
+    still has room for its tokens and one more row, so passes come out few and full (a packed
+    pass gets faster per token as it grows). A single row longer than ``max_tokens`` still gets
+    a pass of its own.
+
+    Args:
+        lengths: length of each row, in tokens.
+        max_tokens: most tokens per pass (>= 1).
+        max_rows: most rows per pass (>= 1).
+
+    Returns:
+        Passes of indices into ``lengths``; every index appears exactly once. Within a pass,
+        indices are ordered by decreasing length (ties by lower index).
+
+    Raises:
+        ValueError: a budget is below 1.
+    """
+    if max_tokens < 1 or max_rows < 1:
+        raise ValueError(f"max_tokens and max_rows must be >= 1, got {max_tokens}, {max_rows}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    passes: list[list[int]] = []
+    totals: list[int] = []
+    for index in order:
+        for p, members in enumerate(passes):
+            if len(members) < max_rows and totals[p] + lengths[index] <= max_tokens:
+                members.append(index)
+                totals[p] += lengths[index]
+                break
+        else:
+            passes.append([index])
+            totals.append(lengths[index])
+    return passes

@@ -15,6 +15,11 @@ DEFAULT_MAX_BATCH_PAIRS = 64
 # already efficient, so padding is nearly pure waste; a GPU pass has a fixed cost that fuller
 # batches amortize.
 DEFAULT_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
+# Packed passes (rows concatenated without padding, attention run per row) by device type. On a
+# CPU they remove padding and make every matrix product large, which is faster; on a GPU the
+# per-row attention calls are small kernels launched one after another, so padded batches with
+# one attention call per layer are kept there.
+DEFAULT_PACKING = {"cpu": True}
 
 
 @dataclass(frozen=True)
@@ -26,11 +31,13 @@ class EngineConfig:
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``
             or ``"float16"``.
         max_length: longest pair sequence in tokens; longer documents are cut at their tail.
-        max_batch_tokens: padded document tokens per forward pass.
+        max_batch_tokens: document tokens per forward pass, padding included.
         max_batch_pairs: pairs per forward pass.
         share_prefix: compute the part shared by a query's documents once (exact up to rounding).
-        max_padding: largest share of padding in a forward pass, in [0, 1]; ``None``: by device
-            (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
+        max_padding: largest share of padding in a padded forward pass, in [0, 1]; ``None``: by
+            device (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
+        packing: run packed forward passes (no padding; see :mod:`rerank_core.packing`);
+            ``None``: by device (:data:`DEFAULT_PACKING`: on for CPU, off elsewhere).
     """
 
     device: str = "auto"
@@ -40,6 +47,7 @@ class EngineConfig:
     max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS
     share_prefix: bool = True
     max_padding: float | None = None
+    packing: bool | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -61,6 +69,12 @@ class EngineConfig:
         if self.max_padding is not None:
             return self.max_padding
         return DEFAULT_MAX_PADDING.get(device.type, 0.5)
+
+    def packed(self, device: torch.device) -> bool:
+        """:attr:`packing`, with ``None`` resolved for the device the model is on."""
+        if self.packing is not None:
+            return self.packing
+        return DEFAULT_PACKING.get(device.type, False)
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""

@@ -12,8 +12,12 @@ changing a score beyond rounding:
   document of that query (RoPE is relative, so placing the document at the positions that follow
   the shared part reproduces the full sequence exactly).
 
-Rows are right-padded: with causal attention a real token never sees the padding after it, so the
-last real token of row ``r`` sits at ``length[r] - 1`` and no padding mask is needed there.
+Two layouts run the same computation. *Packed* (:mod:`rerank_core.packing`): a pass concatenates
+its rows into one unpadded sequence and attention runs per row; no padding is computed and every
+linear layer is one large product. *Padded*: rows are right-padded into a rectangle (with causal
+attention a real token never sees the padding after it, so the last real token of row ``r`` sits
+at ``length[r] - 1``) and attention is one call per layer; this suits devices where many small
+attention calls cost more than some padding (a GPU).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import plan_batches
+from .batching import plan_batches, plan_packed
 from .head import YesNoHead
+from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
 
 
@@ -85,11 +90,13 @@ class PairScorer:
     Args:
         backbone: the ``Qwen3Model`` (decoder without LM head), in eval mode, on ``device``.
         head: the yes/no head, on ``device``.
-        max_batch_tokens: padded tokens per forward pass (a longer single row still runs alone).
+        max_batch_tokens: tokens per forward pass, padding included (a longer single row still runs
+            alone).
         max_batch_pairs: rows per forward pass.
         share_prefix: compute each query's shared part once (exact up to rounding).
-        max_padding: largest share of padding in a forward pass (see
+        max_padding: largest share of padding in a padded forward pass (see
             :func:`~rerank_core.batching.plan_batches`).
+        packing: run packed passes (rows concatenated, attention per row) instead of padded ones.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class PairScorer:
         max_batch_pairs: int,
         share_prefix: bool = True,
         max_padding: float = 1.0,
+        packing: bool = False,
     ):
         layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -110,6 +118,11 @@ class PairScorer:
         self.max_batch_pairs = max_batch_pairs
         self.share_prefix = share_prefix
         self.max_padding = max_padding
+        self.packing = packing
+        if packing:
+            # The packed attention function hands any other mask to stock SDPA, so the backbone
+            # behaves as before outside packed passes.
+            backbone.set_attn_implementation(ATTENTION_NAME)
         self.device = next(backbone.parameters()).device
         # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
         params = inspect.signature(backbone.forward).parameters
@@ -126,6 +139,8 @@ class PairScorer:
         scores = [[0.0] * len(query.documents) for query in queries]
         if not rows:
             return BatchScores(scores, ForwardStats(0, 0, 0, 0))
+        if self.packing:
+            return self._score_packed(queries, rows, scores)
         passes = tokens = padded = 0
         if self.share_prefix:
             prefixes, passes, padded = self._run_prefixes(queries)
@@ -143,6 +158,52 @@ class PairScorer:
             tokens += sum(lengths[i] for i in batch)
             padded += len(batch) * max(lengths[i] for i in batch)
         return BatchScores(scores, ForwardStats(len(rows), passes, tokens, padded))
+
+    def _score_packed(self, queries: Sequence[EncodedQuery], rows, scores) -> BatchScores:
+        passes = tokens = 0
+        stores: list = []
+        prefix_of: list[PrefixRef | None] = [None] * len(queries)
+        if self.share_prefix:
+            lengths = [len(q.shared) for q in queries]
+            for plan in self._plan_packed(lengths):
+                segments = Segments([lengths[q] for q in plan], [None] * len(plan), record=[])
+                self._run_packed([queries[q].shared for q in plan], segments)
+                start = 0
+                for q in plan:
+                    prefix_of[q] = PrefixRef(len(stores), start, lengths[q])
+                    start += lengths[q]
+                stores.append(segments.record)
+                passes += 1
+                tokens += start
+            pieces = [queries[q].documents[d] for q, d in rows]
+        else:
+            pieces = [queries[q].shared + queries[q].documents[d] for q, d in rows]
+        lengths = [len(piece) for piece in pieces]
+        for plan in self._plan_packed(lengths):
+            segments = Segments([lengths[i] for i in plan], [prefix_of[rows[i][0]] for i in plan], stores)
+            hidden = self._run_packed([pieces[i] for i in plan], segments)
+            probs = self.head(hidden[segments.ends()]).cpu().tolist()
+            for i, p in zip(plan, probs):
+                q, d = rows[i]
+                scores[q][d] = p
+            passes += 1
+            tokens += sum(segments.lengths)
+        return BatchScores(scores, ForwardStats(len(rows), passes, tokens, tokens))
+
+    def _plan_packed(self, lengths: list[int]) -> list[list[int]]:
+        return plan_packed(lengths, self.max_batch_tokens, self.max_batch_pairs)
+
+    def _run_packed(self, pieces: list[list[int]], segments: Segments) -> torch.Tensor:
+        """Final hidden states ``(tokens, hidden)`` of one packed row made of ``pieces``."""
+        ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=self.device)
+        positions = torch.tensor(segments.positions(), dtype=torch.long, device=self.device)
+        return self.backbone(
+            input_ids=ids[None],
+            position_ids=positions[None],
+            # A prepared mapping: transformers passes it to the attention function as it is.
+            attention_mask={"full_attention": segments},
+            use_cache=False,
+        ).last_hidden_state[0]
 
     def _plan(self, lengths: list[int]) -> list[list[int]]:
         return plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs, self.max_padding)

@@ -79,6 +79,7 @@ class Reranker:
             config.max_batch_pairs,
             config.share_prefix,
             config.padding_share(device),
+            config.packed(device),
         )
         self.device = device
         self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from rerank_core.batching import plan_batches
+from rerank_core.batching import plan_batches, plan_packed
 
 
 def _cost(batch, lengths):
@@ -86,3 +86,33 @@ def test_padding_cap_on_random_lengths(seed):
 def test_bad_padding_share_is_an_error():
     with pytest.raises(ValueError, match="max_padding must be in"):
         plan_batches([1], max_tokens=10, max_rows=2, max_padding=1.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_every_index_once_and_budgets_respected(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 200))]
+    passes = plan_packed(lengths, max_tokens=1000, max_rows=16)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    for members in passes:
+        assert len(members) <= 16
+        assert sum(lengths[i] for i in members) <= 1000
+        assert [lengths[i] for i in members] == sorted((lengths[i] for i in members), reverse=True)
+
+
+def test_packed_first_fit_fills_earlier_passes():
+    # Longest first: 60 opens pass 0, 50 does not fit beside it and opens pass 1, 40 fills pass 0,
+    # 30 and then 20 fill pass 1. (Taking rows in sorted order into one open pass would need 3.)
+    assert plan_packed([20, 40, 60, 30, 50], max_tokens=100, max_rows=8) == [[2, 1], [4, 3, 0]]
+    # With 99 tokens, 60 + 40 no longer fit together.
+    assert plan_packed([20, 40, 60, 30, 50], max_tokens=99, max_rows=8) == [[2, 3], [4, 1], [0]]
+
+
+def test_packed_row_cap_and_over_budget_row():
+    assert plan_packed([1, 1, 1], max_tokens=100, max_rows=2) == [[0, 1], [2]]
+    assert plan_packed([10, 5000, 10], max_tokens=100, max_rows=8) == [[1], [0, 2]]
+
+
+def test_packed_rejects_bad_budgets():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        plan_packed([1], max_tokens=0, max_rows=1)

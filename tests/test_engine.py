@@ -23,6 +23,11 @@ DOCS = [
 LONG_DOC = " ".join(f"word{i} is part of a long passage about rivers and mountains." for i in range(60))
 
 
+# (share_prefix, packing): every way the engine can run a forward pass.
+LAYOUTS = [(True, True), (False, True), (True, False), (False, False)]
+LAYOUT_IDS = ["packed-shared", "packed-full", "padded-shared", "padded-full"]
+
+
 def _close(a, b, tol=1e-5):
     assert len(a) == len(b)
     worst = max(abs(x - y) for x, y in zip(a, b))
@@ -35,11 +40,12 @@ def test_scores_are_spread_out_so_parity_is_meaningful(reranker):
     assert all(0.0 < s < 1.0 for s in scores)
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_parity_with_official_procedure(official_model, tiny_checkpoint, share_prefix):
+@pytest.mark.parametrize("share_prefix,packing", LAYOUTS, ids=LAYOUT_IDS)
+def test_parity_with_official_procedure(official_model, tiny_checkpoint, share_prefix, packing):
     model, tokenizer = official_model
     engine = Reranker.load(
-        str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(share_prefix=share_prefix)
+        str(tiny_checkpoint), device="cpu", dtype="float32",
+        config=EngineConfig(share_prefix=share_prefix, packing=packing),
     )
     _close(engine.score(QUERY, DOCS), official_scores(model, tokenizer, QUERY, DOCS))
 
@@ -58,12 +64,13 @@ def test_parity_with_a_single_document(reranker, official_model):
     _close(reranker.score("多语言查询：首都是哪里？", [DOCS[2]]), official_scores(model, tokenizer, "多语言查询：首都是哪里？", [DOCS[2]]))
 
 
-def test_parity_with_many_documents_across_batches(tiny_checkpoint, official_model):
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_parity_with_many_documents_across_batches(tiny_checkpoint, official_model, packing):
     model, tokenizer = official_model
     docs = [f"document {i}: " + " ".join(["river"] * (i % 17)) + DOCS[i % len(DOCS)] for i in range(70)]
     engine = Reranker.load(
         str(tiny_checkpoint), device="cpu", dtype="float32",
-        config=EngineConfig(max_batch_tokens=400, max_batch_pairs=8),
+        config=EngineConfig(max_batch_tokens=400, max_batch_pairs=8, packing=packing),
     )
     result = engine.scorer.score([engine.encode(QUERY, docs)])
     assert result.stats.forward_passes > 5
@@ -71,12 +78,12 @@ def test_parity_with_many_documents_across_batches(tiny_checkpoint, official_mod
     _close(scores, official_scores(model, tokenizer, QUERY, docs))
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_parity_when_documents_are_truncated(tiny_checkpoint, official_model, share_prefix):
+@pytest.mark.parametrize("share_prefix,packing", LAYOUTS, ids=LAYOUT_IDS)
+def test_parity_when_documents_are_truncated(tiny_checkpoint, official_model, share_prefix, packing):
     model, tokenizer = official_model
     engine = Reranker.load(
         str(tiny_checkpoint), device="cpu", dtype="float32", max_length=160,
-        config=EngineConfig(share_prefix=share_prefix),
+        config=EngineConfig(share_prefix=share_prefix, packing=packing),
     )
     docs = [LONG_DOC, DOCS[0], LONG_DOC[::-1], ""]
     encoded = engine.encode(QUERY, docs)
@@ -85,20 +92,23 @@ def test_parity_when_documents_are_truncated(tiny_checkpoint, official_model, sh
     _close(engine.score(QUERY, docs), official_scores(model, tokenizer, QUERY, docs, max_length=160))
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_score_does_not_depend_on_batch_companions(tiny_checkpoint, share_prefix):
+@pytest.mark.parametrize("share_prefix,packing", LAYOUTS, ids=LAYOUT_IDS)
+def test_score_does_not_depend_on_batch_companions(tiny_checkpoint, share_prefix, packing):
     engine = Reranker.load(
         str(tiny_checkpoint), device="cpu", dtype="float32",
-        config=EngineConfig(share_prefix=share_prefix, max_batch_tokens=100_000),
+        config=EngineConfig(share_prefix=share_prefix, max_batch_tokens=100_000, packing=packing),
     )
     alone = [engine.score(QUERY, [doc])[0] for doc in DOCS]
     together = engine.score(QUERY, DOCS + [LONG_DOC, LONG_DOC[:50]])[: len(DOCS)]
     _close(alone, together)
 
 
-def test_queries_sharing_one_forward_pass_match_separate_calls(tiny_checkpoint, reranker):
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_queries_sharing_one_forward_pass_match_separate_calls(tiny_checkpoint, reranker, packing):
     other = "Which language is spoken in France?"
-    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(max_padding=1.0))
+    engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(max_padding=1.0, packing=packing)
+    )
     result = engine.scorer.score([engine.encode(QUERY, DOCS), engine.encode(other, DOCS[::-1])])
     assert result.stats.forward_passes == 2  # one prefix pass, one document pass
     mixed = result.scores
@@ -160,6 +170,23 @@ def test_health_check_passes_on_a_sound_model(reranker):
     reranker.check_health()
 
 
+def test_packed_passes_compute_no_padding(reranker):
+    result = reranker.scorer.score([reranker.encode(QUERY, DOCS + [LONG_DOC])])
+    assert result.stats.forward_passes == 2  # the prefix, then all documents in one row
+    assert result.stats.padded_tokens == result.stats.tokens
+
+
+def test_packed_queries_with_different_prefix_lengths_in_one_row(tiny_checkpoint):
+    """Several queries' prefixes recorded in one pass, their documents interleaved in another."""
+    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(packing=True))
+    queries = [("q", DOCS[:3], None), (QUERY * 5, DOCS[3:], None), ("why?", DOCS[::2], "Find code answers")]
+    result = engine.scorer.score([engine.encode(q, d, i) for q, d, i in queries])
+    assert result.stats.forward_passes == 2
+    for (q, d, i), scores in zip(queries, result.scores):
+        alone = [engine.scorer.score([engine.encode(q, [doc], i)]).scores[0][0] for doc in d]
+        _close(scores, alone)
+
+
 def test_auto_device_dtype_and_padding_on_cpu(reranker):
     config = EngineConfig()
     assert str(config.torch_device()) == "cpu"
@@ -167,5 +194,8 @@ def test_auto_device_dtype_and_padding_on_cpu(reranker):
     assert reranker.scorer.max_padding == 0.1
     assert EngineConfig(max_padding=0.3).padding_share(torch.device("cpu")) == 0.3
     assert config.padding_share(torch.device("cuda")) == 0.5
+    assert reranker.scorer.packing is True
+    assert config.packed(torch.device("cuda")) is False
+    assert EngineConfig(packing=False).packed(torch.device("cpu")) is False
     assert reranker.device.type == "cpu"
     assert reranker.scorer.head.weight.dtype == torch.float32

@@ -1,0 +1,126 @@
+"""Packed forward passes: many sequences in one unpadded row, attention kept per sequence.
+
+A packed pass concatenates the token ids of several *segments* (a document part, or a whole
+query-plus-document sequence) into one row of shape ``(1, total)``. Every linear layer then runs
+on exactly the real tokens, as one large matrix product: no padding is computed, and the product
+is as large as the token budget allows (on a CPU a large product runs closer to the machine's
+matmul peak than several small ones).
+
+Attention must not cross segments. :class:`Segments` is passed to the model in place of the
+attention mask; :func:`segment_attention`, registered with transformers under
+:data:`ATTENTION_NAME`, runs scaled-dot-product attention once per segment: a segment sees the
+keys of its own prefix (fully) and its own keys (causally). Any other mask is handed to the
+stock SDPA function unchanged, so the model still works as usual outside packed passes.
+
+The prefix of a segment is read from keys/values recorded by an earlier packed pass over the
+shared parts (:attr:`Segments.record`), addressed by layer index, so a prefix is stored once per
+query however many documents use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION_NAME = "rerank_core_segments"
+
+# Per layer: (keys, values) of one packed pass, each (1, kv_heads, tokens, head_dim).
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PrefixRef:
+    """Where a segment's prefix lies: in pass ``store`` of the recorded prefixes, at ``start``."""
+
+    store: int
+    start: int
+    length: int
+
+
+@dataclass
+class Segments:
+    """The layout of one packed row, handed to the model as its attention mask.
+
+    Attributes:
+        lengths: length of each segment, in row order; they sum to the row's length.
+        prefixes: per segment, its prefix in ``stores``, or ``None`` for a segment that starts
+            from nothing (then plain causal attention).
+        stores: recorded keys/values of earlier prefix passes, indexed by :attr:`PrefixRef.store`.
+        record: when set, each layer appends its keys/values here (a prefix pass).
+    """
+
+    lengths: list[int]
+    prefixes: list[PrefixRef | None]
+    stores: list[LayerKV] = field(default_factory=list)
+    record: LayerKV | None = None
+    _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if len(self.prefixes) != len(self.lengths) or min(self.lengths, default=1) < 1:
+            raise ValueError("one prefix (or None) per segment, and every segment at least one token")
+
+    def ends(self) -> list[int]:
+        """Index of each segment's last token in the row."""
+        out, end = [], 0
+        for length in self.lengths:
+            end += length
+            out.append(end - 1)
+        return out
+
+    def positions(self) -> list[int]:
+        """Position id of every token: each segment continues after its prefix."""
+        out: list[int] = []
+        for length, prefix in zip(self.lengths, self.prefixes):
+            start = prefix.length if prefix else 0
+            out.extend(range(start, start + length))
+        return out
+
+    def mask(self, length: int, prefix_length: int, device: torch.device) -> torch.Tensor:
+        """Boolean ``(length, prefix_length + length)``: all of the prefix, own tokens causally.
+
+        Built once per shape and reused by every layer.
+        """
+        key = (length, prefix_length)
+        if key not in self._masks:
+            rows = torch.arange(length, device=device)[:, None]
+            cols = torch.arange(prefix_length + length, device=device)[None, :]
+            self._masks[key] = cols <= rows + prefix_length
+        return self._masks[key]
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for a packed row (``attention_mask`` is :class:`Segments`); SDPA otherwise.
+
+    Shapes follow transformers' attention functions: ``query`` is ``(1, heads, tokens, dim)``,
+    ``key``/``value`` ``(1, kv_heads, tokens, dim)``; returns ``((1, tokens, heads, dim), None)``.
+    """
+    segments = attention_mask
+    if not isinstance(segments, Segments):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer = module.layer_idx
+    if segments.record is not None:
+        segments.record.append((key, value))
+    out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+    start = 0
+    for length, prefix in zip(segments.lengths, segments.prefixes):
+        end = start + length
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if prefix is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            prefix_keys, prefix_values = segments.stores[prefix.store][layer]
+            span = slice(prefix.start, prefix.start + prefix.length)
+            k = torch.cat([prefix_keys[:, :, span], k], dim=2)
+            v = torch.cat([prefix_values[:, :, span], v], dim=2)
+            mask = segments.mask(length, prefix.length, query.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[:, start:end] = o.transpose(1, 2)
+        start = end
+    return out, None
+
+
+AttentionInterface.register(ATTENTION_NAME, segment_attention)

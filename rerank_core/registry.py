@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,9 @@ REGISTRY: dict[str, ModelSpec] = {
     )
 }
 DEFAULT_MODEL = "qwen3-reranker-0.6b"
+# What a tokenizer needs from a checkpoint: config and tokenizer files, no weights. A process that
+# only tokenizes (the service's ingress) downloads these instead of gigabytes of weights.
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
 
 
 class ModelSourceError(RuntimeError):
@@ -71,6 +75,7 @@ def resolve_source(
     hub: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     downloader=None,
+    files: Sequence[str] | None = None,
 ) -> Path:
     """Return a local directory holding the checkpoint named by ``source``.
 
@@ -78,8 +83,10 @@ def resolve_source(
         source: registry name, hub id, or local directory.
         hub: ``"modelscope"`` or ``"huggingface"``; ``None`` means :func:`default_hub`.
         cache_dir: where downloads go; ``None`` means :func:`default_cache_dir`.
-        downloader: ``downloader(hub_id, hub, cache_dir) -> path``; defaults to :func:`download`.
-            Injected in tests, where no hub is reachable.
+        downloader: ``downloader(hub_id, hub, cache_dir, files) -> path``; defaults to
+            :func:`download`. Injected in tests, where no hub is reachable.
+        files: glob patterns of the files to download (e.g. :data:`TOKENIZER_FILES`); ``None``:
+            the whole checkpoint. A local directory is returned as it is either way.
 
     Raises:
         ModelSourceError: the source is unknown, the directory is not a checkpoint, or the
@@ -102,7 +109,7 @@ def resolve_source(
         raise ModelSourceError(f"unknown hub {hub!r}; choose one of {', '.join(HUBS)}")
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     try:
-        return Path((downloader or download)(hub_id, hub, cache_dir))
+        return Path((downloader or download)(hub_id, hub, cache_dir, files))
     except Exception as e:  # noqa: BLE001 - hub clients raise many unrelated types
         raise ModelSourceError(
             f"could not download {hub_id!r} from {hub} ({type(e).__name__}: {e}). "
@@ -111,12 +118,18 @@ def resolve_source(
         ) from e
 
 
-def download(hub_id: str, hub: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """Download (or find in the cache) ``hub_id`` from ``hub``; returns the local directory."""
+def download(
+    hub_id: str, hub: str, cache_dir: str | os.PathLike | None = None, files: Sequence[str] | None = None
+) -> str:
+    """Download (or find in the cache) ``hub_id`` from ``hub``; returns the local directory.
+
+    ``files``: glob patterns of the files to fetch (``None``: all).
+    """
+    patterns = list(files) if files is not None else None
     if hub == "modelscope":
         from modelscope import snapshot_download
 
-        return snapshot_download(hub_id, cache_dir=cache_dir)
+        return snapshot_download(hub_id, cache_dir=cache_dir, allow_patterns=patterns)
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(hub_id, cache_dir=cache_dir)
+    return snapshot_download(hub_id, cache_dir=cache_dir, allow_patterns=patterns)

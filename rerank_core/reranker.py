@@ -12,18 +12,21 @@ from .forward import PairScorer
 from .head import YesNoHead, answer_token_ids
 from .prompt import EncodedQuery, PromptEncoder
 from .ranking import RankResult, rank
-from .registry import ModelSourceError, resolve_source
+from .registry import TOKENIZER_FILES, ModelSourceError, resolve_source
 
 _PROBE = ("What is the capital of France?", "Paris is the capital and largest city of France.")
 
 
 def load_encoder(source: str | os.PathLike, max_length: int, hub=None, cache_dir=None) -> PromptEncoder:
-    """Load only the tokenizer of ``source`` as a :class:`PromptEncoder` (no model weights).
+    """Load only the tokenizer of ``source`` as a :class:`PromptEncoder`.
+
+    A hub source downloads only config and tokenizer files
+    (:data:`~rerank_core.registry.TOKENIZER_FILES`), no weights.
 
     Raises:
         ModelSourceError: see :func:`~rerank_core.registry.resolve_source`, or unreadable files.
     """
-    path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
+    path = resolve_source(str(source), hub=hub, cache_dir=cache_dir, files=TOKENIZER_FILES)
     return PromptEncoder(_load_tokenizer(path), max_length)
 
 

@@ -1,8 +1,10 @@
+import fnmatch
+import shutil
 
 import pytest
 
-from rerank_core import REGISTRY, ModelSourceError, resolve_source
-from rerank_core.registry import resolve_hub_id
+from rerank_core import REGISTRY, ModelSourceError, load_encoder, registry, resolve_source
+from rerank_core.registry import TOKENIZER_FILES, resolve_hub_id
 
 
 def test_registry_names_map_to_qwen_ids():
@@ -42,15 +44,17 @@ def test_unknown_name_lists_known_ones():
 def test_download_goes_to_the_chosen_hub_and_cache(tmp_path):
     calls = []
 
-    def fake(hub_id, hub, cache_dir):
-        calls.append((hub_id, hub, cache_dir))
+    def fake(hub_id, hub, cache_dir, files):
+        calls.append((hub_id, hub, cache_dir, files))
         return str(tmp_path)
 
     assert resolve_source("qwen3-reranker-4b", downloader=fake) == tmp_path
     assert resolve_source("Qwen/Qwen3-Reranker-8B", hub="huggingface", cache_dir="/c", downloader=fake)
+    assert resolve_source("qwen3-reranker-0.6b", downloader=fake, files=["*.json"]) == tmp_path
     assert calls == [
-        ("Qwen/Qwen3-Reranker-4B", "modelscope", None),
-        ("Qwen/Qwen3-Reranker-8B", "huggingface", "/c"),
+        ("Qwen/Qwen3-Reranker-4B", "modelscope", None, None),
+        ("Qwen/Qwen3-Reranker-8B", "huggingface", "/c", None),
+        ("Qwen/Qwen3-Reranker-0.6B", "modelscope", None, ["*.json"]),
     ]
 
 
@@ -59,7 +63,7 @@ def test_hub_and_cache_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RERANK_CACHE_DIR", str(tmp_path))
     calls = []
     resolve_source("qwen3-reranker-0.6b", downloader=lambda *a: calls.append(a) or str(tmp_path))
-    assert calls == [("Qwen/Qwen3-Reranker-0.6B", "huggingface", str(tmp_path))]
+    assert calls == [("Qwen/Qwen3-Reranker-0.6B", "huggingface", str(tmp_path), None)]
 
 
 def test_unknown_hub_is_rejected():
@@ -68,7 +72,7 @@ def test_unknown_hub_is_rejected():
 
 
 def test_offline_failure_says_which_id_which_hub_and_what_to_do():
-    def offline(hub_id, hub, cache_dir):
+    def offline(hub_id, hub, cache_dir, files):
         raise ConnectionError("Name or service not known")
 
     with pytest.raises(ModelSourceError) as info:
@@ -78,3 +82,27 @@ def test_offline_failure_says_which_id_which_hub_and_what_to_do():
     assert "ConnectionError: Name or service not known" in message
     assert "local directory" in message
     assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_tokenizer_only_load_fetches_no_weights(monkeypatch, tmp_path, tiny_checkpoint):
+    """load_encoder (the ingress) asks the hub for config and tokenizer files only."""
+    requested = []
+
+    def hub(hub_id, hub_name, cache_dir, files):
+        # A stand-in for the hub's snapshot_download(allow_patterns=files) serving tiny_checkpoint.
+        requested.append(files)
+        out = tmp_path / "snapshot"
+        out.mkdir(exist_ok=True)
+        for f in tiny_checkpoint.iterdir():
+            if files is None or any(fnmatch.fnmatch(f.name, pattern) for pattern in files):
+                shutil.copy(f, out / f.name)
+        return str(out)
+
+    monkeypatch.setattr(registry, "download", hub)
+    encoder = load_encoder("qwen3-reranker-0.6b", 512)
+    assert requested == [TOKENIZER_FILES]
+    fetched = {f.name for f in (tmp_path / "snapshot").iterdir()}
+    assert "tokenizer.json" in fetched and "config.json" in fetched
+    assert not any(name.endswith((".safetensors", ".bin")) for name in fetched)
+    assert any(f.name.endswith(".safetensors") for f in tiny_checkpoint.iterdir())
+    assert len(encoder.encode("q", ["a document"]).documents) == 1

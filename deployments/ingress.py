@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
@@ -44,6 +45,10 @@ from .metrics import IngressMetrics
 logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = {"/health"}
+# A chunk whose model replica dies is sent up to this many times in all, waiting 0.25 s, then
+# 0.5 s, ... between attempts; all within request_timeout_s.
+CHUNK_ATTEMPTS = 3
+CHUNK_RETRY_BACKOFF_S = 0.25
 
 app = FastAPI(
     title="Qwen3-Reranker",
@@ -207,7 +212,11 @@ class RerankIngress:
 
     def stats(self) -> dict:
         """Counters of this ingress replica (for tests and debugging; not an HTTP route)."""
-        return {"in_flight": self.in_flight, "chunk_retries": self.chunk_retries}
+        return {
+            "in_flight": self.in_flight,
+            "chunk_retries": self.chunk_retries,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     # Work ---------------------------------------------------------------------------------
 
@@ -266,18 +275,25 @@ class RerankIngress:
         except BackPressureError as e:
             raise self._overloaded(f"model {name!r} is overloaded; retry later") from e
         except RayActorError as e:
-            raise self._overloaded(f"model {name!r} lost its replica twice; retry later") from e
+            raise self._overloaded(
+                f"model {name!r} lost a replica on each of {CHUNK_ATTEMPTS} attempts; retry later"
+            ) from e
         finally:
             for call in calls:
                 call.cancel()
 
     async def _score_chunk(self, handle, chunk) -> list[float]:
-        try:
-            return await handle.score.remote(chunk)
-        except RayActorError:
-            # Scoring is idempotent: a chunk whose replica died is sent again, and the router
-            # no longer picks the dead replica.
-            logger.warning("a model replica died during a chunk; retrying it once")
-            self.chunk_retries += 1
-            app.state.metrics.retries.inc()
-            return await handle.score.remote(chunk)
+        for attempt in range(1, CHUNK_ATTEMPTS + 1):
+            try:
+                return await handle.score.remote(chunk)
+            except RayActorError:
+                # Scoring is idempotent: a chunk whose replica died is sent again. The router stops
+                # picking a replica once it sees it dead; until a lost node's death is detected
+                # (seconds) it may pick it again, hence a few attempts with a short backoff.
+                if attempt == CHUNK_ATTEMPTS:
+                    raise
+                logger.warning("a model replica died during a chunk; retrying it (attempt %d)", attempt + 1)
+                self.chunk_retries += 1
+                app.state.metrics.retries.inc()
+                await asyncio.sleep(CHUNK_RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")

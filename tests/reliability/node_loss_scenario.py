@@ -3,8 +3,9 @@
     python -m tests.reliability.node_loss_scenario CHECKPOINT_DIR
 
 Starts a head and two worker nodes on this machine with ``ray.cluster_utils.Cluster``, one model
-replica per worker node, the ingress on the head; drives steady load, removes one worker node,
-then adds a fresh one. Prints one JSON line with the figures.
+replica per worker node, one ingress replica wherever Ray places it (the proxy is on the head);
+drives steady load, removes one worker node, then adds a fresh one. Prints one JSON line with the
+figures, including whether the ingress replica was on the removed node.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def main(checkpoint: str) -> dict:
     }
     serve.run(build_app(app_args(checkpoint, model=model)), name="nodes", route_prefix="/")
     handle = serve.get_deployment_handle(model_deployment_name("tiny"), app_name="nodes")
+    ingress = serve.get_deployment_handle("RerankIngress", app_name="nodes")
+    # One ingress replica, placed by Ray on any node (num_cpus 0): requests in flight on it are
+    # lost if it is on the node removed below, whatever the application does.
+    ingress_node = ingress.stats.remote().result(timeout_s=30)["node_id"]
     url = f"http://127.0.0.1:{port}/rerank"
     outcomes: list[tuple[float, bool]] = []
     failure_kinds: dict[str, int] = {}
@@ -80,6 +85,7 @@ def main(checkpoint: str) -> dict:
         t.start()
     time.sleep(4)
     removed_at = time.monotonic()
+    ingress_lost = ingress_node == workers[0].node_id
     cluster.remove_node(workers[0], allow_graceful=False)
     time.sleep(8)
     cluster.add_node(num_cpus=1, resources={"model_slot": 1})
@@ -110,6 +116,7 @@ def main(checkpoint: str) -> dict:
         "replacement_replica_s": None if replicas_back is None else round(replicas_back, 1),
         "final_status": final,
         "failure_kinds": failure_kinds,
+        "ingress_on_lost_node": ingress_lost,
     }
 
 

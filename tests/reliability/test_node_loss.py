@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.reliability.conftest import report
+from tests.reliability.node_loss_scenario import CLIENTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +27,12 @@ def test_service_survives_the_loss_of_a_worker_node(tiny_checkpoint):
     assert figures["requests_after_node_loss"] > 0
     assert figures["final_status"] == 200
     assert figures["replacement_replica_s"] is not None  # Serve re-placed the lost replica
-    # Requests in flight on the lost node are retried on the other one; a few may still fail
-    # while the node's death is being detected, never more than a small share.
-    assert figures["failed"] <= max(2, figures["requests"] // 10), figures
+    if not figures["ingress_on_lost_node"]:
+        # Only a model replica was lost: its chunks in flight are sent again to the other one.
+        assert figures["failed"] == 0, figures
+    else:
+        # The ingress replica handling a request died with the node: the Serve proxy answers
+        # the requests in flight on it 500 (its own plain-text body; nothing in the application
+        # is left to answer). Serve starts a new ingress and later requests succeed.
+        assert set(figures["failure_kinds"]) <= {"500: Internal Server Error"}, figures
+        assert figures["failed"] <= 2 * CLIENTS, figures

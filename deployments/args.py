@@ -53,7 +53,7 @@ class ModelArgs(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     max_batch_tokens: int = Field(
-        DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Document tokens per forward pass, padding included."
+        DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Tokens per forward pass (padding included in padded passes)."
     )
     max_batch_pairs: int = Field(DEFAULT_MAX_BATCH_PAIRS, gt=0, description="Pairs per forward pass.")
     max_padding: float | None = Field(

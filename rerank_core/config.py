@@ -31,7 +31,7 @@ class EngineConfig:
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``
             or ``"float16"``.
         max_length: longest pair sequence in tokens; longer documents are cut at their tail.
-        max_batch_tokens: document tokens per forward pass, padding included.
+        max_batch_tokens: tokens per forward pass (padding included in padded passes).
         max_batch_pairs: pairs per forward pass.
         share_prefix: compute the part shared by a query's documents once (exact up to rounding).
         max_padding: largest share of padding in a padded forward pass, in [0, 1]; ``None``: by

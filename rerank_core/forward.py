@@ -6,11 +6,13 @@ changing a score beyond rounding:
 
 * the final hidden state of each row's last real token goes through a one-row head
   (:class:`~rerank_core.head.YesNoHead`) instead of the full vocabulary projection;
-* rows are sorted by length and packed into batches under a padded-token budget
-  (:func:`~rerank_core.batching.plan_batches`), then scattered back to input order;
+* rows are grouped into forward passes under a token budget and a row cap (packed passes:
+  :func:`~rerank_core.batching.plan_packed`; padded ones: sorted by length,
+  :func:`~rerank_core.batching.plan_batches`), then scattered back to input order;
 * the part shared by all documents of a query runs once; its keys and values are reused by every
   document of that query (RoPE is relative, so placing the document at the positions that follow
-  the shared part reproduces the full sequence exactly).
+  the shared part reproduces the full sequence exactly). Packed passes do this for queries with
+  two documents or more; a single document runs as one whole pair.
 
 Two layouts run the same computation. *Packed* (:mod:`rerank_core.packing`): a pass concatenates
 its rows into one unpadded sequence and attention runs per row; no padding is computed and every
@@ -90,13 +92,16 @@ class PairScorer:
     Args:
         backbone: the ``Qwen3Model`` (decoder without LM head), in eval mode, on ``device``.
         head: the yes/no head, on ``device``.
-        max_batch_tokens: tokens per forward pass, padding included (a longer single row still runs
-            alone).
+        max_batch_tokens: tokens per forward pass, padding included in padded passes (a longer
+            single row still runs alone).
         max_batch_pairs: rows per forward pass.
         share_prefix: compute each query's shared part once (exact up to rounding).
         max_padding: largest share of padding in a padded forward pass (see
             :func:`~rerank_core.batching.plan_batches`).
         packing: run packed passes (rows concatenated, attention per row) instead of padded ones.
+            This sets the backbone's attention implementation to
+            :data:`~rerank_core.packing.ATTENTION_NAME` (its config is shared with the model that
+            holds it), which behaves as SDPA for any other input.
     """
 
     def __init__(
@@ -163,21 +168,24 @@ class PairScorer:
         passes = tokens = 0
         stores: list = []
         prefix_of: list[PrefixRef | None] = [None] * len(queries)
-        if self.share_prefix:
-            lengths = [len(q.shared) for q in queries]
+        # A prefix pass pays off from two documents on; a query with one runs as one whole pair.
+        shared = [q for q, query in enumerate(queries) if self.share_prefix and len(query.documents) > 1]
+        if shared:
+            lengths = [len(queries[q].shared) for q in shared]
             for plan in self._plan_packed(lengths):
-                segments = Segments([lengths[q] for q in plan], [None] * len(plan), record=[])
-                self._run_packed([queries[q].shared for q in plan], segments)
+                segments = Segments([lengths[i] for i in plan], [None] * len(plan), record=[])
+                self._run_packed([queries[shared[i]].shared for i in plan], segments)
                 start = 0
-                for q in plan:
-                    prefix_of[q] = PrefixRef(len(stores), start, lengths[q])
-                    start += lengths[q]
+                for i in plan:
+                    prefix_of[shared[i]] = PrefixRef(len(stores), start, lengths[i])
+                    start += lengths[i]
                 stores.append(segments.record)
                 passes += 1
                 tokens += start
-            pieces = [queries[q].documents[d] for q, d in rows]
-        else:
-            pieces = [queries[q].shared + queries[q].documents[d] for q, d in rows]
+        pieces = [
+            queries[q].documents[d] if prefix_of[q] is not None else queries[q].shared + queries[q].documents[d]
+            for q, d in rows
+        ]
         lengths = [len(piece) for piece in pieces]
         for plan in self._plan_packed(lengths):
             segments = Segments([lengths[i] for i in plan], [prefix_of[rows[i][0]] for i in plan], stores)

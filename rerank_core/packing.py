@@ -10,11 +10,13 @@ Attention must not cross segments. :class:`Segments` is passed to the model in p
 attention mask; :func:`segment_attention`, registered with transformers under
 :data:`ATTENTION_NAME`, runs scaled-dot-product attention once per segment: a segment sees the
 keys of its own prefix (fully) and its own keys (causally). Any other mask is handed to the
-stock SDPA function unchanged, so the model still works as usual outside packed passes.
+stock SDPA function unchanged, and masks are built for this implementation as for SDPA, so the
+model still works as usual outside packed passes (padding masks included).
 
 The prefix of a segment is read from keys/values recorded by an earlier packed pass over the
 shared parts (:attr:`Segments.record`), addressed by layer index, so a prefix is stored once per
-query however many documents use it.
+query however many documents use it (each segment's attention call joins it to the segment's own
+keys, a copy that lives for that call only).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION_NAME = "rerank_core_segments"
 
@@ -97,6 +100,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
 
     Shapes follow transformers' attention functions: ``query`` is ``(1, heads, tokens, dim)``,
     ``key``/``value`` ``(1, kv_heads, tokens, dim)``; returns ``((1, tokens, heads, dim), None)``.
+    Inference only: ``dropout`` is not applied to packed rows.
     """
     segments = attention_mask
     if not isinstance(segments, Segments):
@@ -124,3 +128,6 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 AttentionInterface.register(ATTENTION_NAME, segment_attention)
+# Without this, transformers builds no mask at all for an unknown implementation (a padding mask
+# would be silently dropped); with it, ordinary calls get the masks SDPA gets.
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)

@@ -176,6 +176,27 @@ def test_packed_passes_compute_no_padding(reranker):
     assert result.stats.padded_tokens == result.stats.tokens
 
 
+def test_packed_single_document_query_runs_one_pass(reranker, official_model):
+    model, tokenizer = official_model
+    result = reranker.scorer.score([reranker.encode(QUERY, [DOCS[0]])])
+    assert result.stats.forward_passes == 1  # no prefix pass for a single document
+    _close(result.scores[0], official_scores(model, tokenizer, QUERY, [DOCS[0]]))
+
+
+def test_packed_engine_model_still_honours_padding_masks(reranker, official_model):
+    """The packed attention implementation acts as SDPA for ordinary (2D-masked) calls."""
+    model, tokenizer = official_model
+    batch = tokenizer(["a short one", "a somewhat longer sentence with more tokens in it"],
+                      padding=True, return_tensors="pt")
+    assert reranker.scorer.backbone.config._attn_implementation != "sdpa"
+    assert (batch["attention_mask"] == 0).any()
+    with torch.inference_mode():
+        got = reranker.scorer.backbone(**batch).last_hidden_state
+        want = model.get_decoder()(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
 def test_packed_queries_with_different_prefix_lengths_in_one_row(tiny_checkpoint):
     """Several queries' prefixes recorded in one pass, their documents interleaved in another."""
     engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(packing=True))

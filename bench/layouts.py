@@ -22,11 +22,15 @@ Variants (``--variants``, comma-separated):
   nearly all page faults. An experiment, not a recommended setting: with ``mmap`` off, torch's
   aligned allocations fragment the heap and a long-running process can grow without bound
   (docs/benchmarks.md, "What is left, measured").
+* ``packed-jemalloc``: ``packed`` with jemalloc preloaded (``LD_PRELOAD``; Debian/Ubuntu package
+  ``libjemalloc2``) and told to keep freed memory (``MALLOC_CONF`` with decay off), the usual
+  advice for CPU inference.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import resource
@@ -39,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine as bench_engine  # noqa: E402  (bench/engine.py: workload, checkpoint)
 
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
 VARIANTS = {
     "packed": ({"packing": True}, {}),
     "padded": ({"packing": False}, {}),
@@ -46,7 +52,19 @@ VARIANTS = {
         {"packing": True},
         {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(1 << 30)},
     ),
+    "packed-jemalloc": ({"packing": True}, {"LD_PRELOAD": "<jemalloc>", "MALLOC_CONF": JEMALLOC_CONF}),
 }
+
+
+def variant_env(variant: str) -> dict[str, str]:
+    """Environment of a variant's process; ``<jemalloc>`` becomes the library's name."""
+    env = dict(VARIANTS[variant][1])
+    if env.get("LD_PRELOAD") == "<jemalloc>":
+        library = ctypes.util.find_library("jemalloc")
+        if library is None:
+            raise SystemExit("packed-jemalloc needs jemalloc (e.g. apt-get install libjemalloc2)")
+        env["LD_PRELOAD"] = library
+    return env
 
 
 def child(checkpoint: str, variant: str, calls: int) -> None:
@@ -68,7 +86,7 @@ def child(checkpoint: str, variant: str, calls: int) -> None:
 
 
 def sample(checkpoint: Path, variant: str, calls: int) -> dict:
-    env = {**os.environ, **VARIANTS[variant][1]}
+    env = {**os.environ, **variant_env(variant)}
     proc = subprocess.run(
         [sys.executable, __file__, "--_child", variant, "--checkpoint", str(checkpoint), "--calls", str(calls)],
         capture_output=True, text=True, env=env, cwd=bench_engine.ROOT,

@@ -283,17 +283,15 @@ class RerankIngress:
                 call.cancel()
 
     async def _score_chunk(self, handle, chunk) -> list[float]:
-        for attempt in range(1, CHUNK_ATTEMPTS + 1):
+        for attempt in range(1, CHUNK_ATTEMPTS):
             try:
                 return await handle.score.remote(chunk)
             except RayActorError:
                 # Scoring is idempotent: a chunk whose replica died is sent again. The router stops
                 # picking a replica once it sees it dead; until a lost node's death is detected
                 # (seconds) it may pick it again, hence a few attempts with a short backoff.
-                if attempt == CHUNK_ATTEMPTS:
-                    raise
                 logger.warning("a model replica died during a chunk; retrying it (attempt %d)", attempt + 1)
                 self.chunk_retries += 1
                 app.state.metrics.retries.inc()
                 await asyncio.sleep(CHUNK_RETRY_BACKOFF_S * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")
+        return await handle.score.remote(chunk)  # the last attempt: its RayActorError propagates

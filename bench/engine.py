@@ -167,15 +167,22 @@ def ensure_checkpoint(path: Path) -> tuple[Path, bool]:
     return path, True
 
 
-QWEN3_06B_SHAPE = {"num_hidden_layers": 28, "hidden_size": 1024, "num_attention_heads": 16,
-                   "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
-                   "vocab_size": 151669, "tie_word_embeddings": True}
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "vocab_size", "tie_word_embeddings")
+
+
+def qwen3_06b_shape() -> dict:
+    """The architecture fields of Qwen3-Reranker-0.6B, from the synthetic 0.6B shape (which
+    tests/test_synthetic.py checks against the released values)."""
+    from rerank_core.synthetic import SHAPES
+
+    return {key: SHAPES["0.6b"][key] for key in SHAPE_KEYS}
 
 
 def checkpoint_shape(path: Path) -> dict:
     """The architecture fields of ``path/config.json`` that set the compute cost."""
     config = json.loads((path / "config.json").read_text())
-    return {key: config.get(key) for key in QWEN3_06B_SHAPE}
+    return {key: config.get(key) for key in SHAPE_KEYS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
     }
     arch = checkpoint_shape(checkpoint)
-    shape_note = "exact Qwen3-Reranker-0.6B shape" if arch == QWEN3_06B_SHAPE else f"NOT the 0.6B shape: {arch}"
+    shape_note = "exact Qwen3-Reranker-0.6B shape" if arch == qwen3_06b_shape() else f"NOT the 0.6B shape: {arch}"
     print(f"checkpoint: {checkpoint} ({'built now' if built else 'reused'}; {shape_note})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torch.get_num_threads()={threads}, interop={torch.get_num_interop_threads()}, cpus={os.cpu_count()}")

@@ -151,16 +151,21 @@ def test_seed_example_prints_a_table_ranked_like_the_engine(seed_run, reranker):
     assert result.stderr == ""  # no progress bar for 3 documents, no library noise
 
 
-def test_output_file_holds_the_rerank_response_with_engine_scores(seed_run, reranker, tiny_checkpoint):
-    _, body = seed_run
-    assert set(body) == {"id", "model", "results", "usage"}
-    assert body["id"].startswith("rerank-") and body["model"] == str(tiny_checkpoint)
+def assert_seed_response(body: dict, reranker) -> None:
+    """``body`` ranks the seed example with documents, as the engine does, with its token usage."""
     expected = reranker.rank(SEED_QUERY, SEED_DOCS, return_documents=True)
     assert [r["index"] for r in body["results"]] == [r.index for r in expected]
     close([r["relevance_score"] for r in body["results"]], [r.relevance_score for r in expected])
     assert [r["document"] for r in body["results"]] == [r.document for r in expected]
     tokens = reranker.encode(SEED_QUERY, SEED_DOCS).num_tokens()
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_output_file_holds_the_rerank_response_with_engine_scores(seed_run, reranker, tiny_checkpoint):
+    _, body = seed_run
+    assert set(body) == {"id", "model", "results", "usage"}
+    assert body["id"].startswith("rerank-") and body["model"] == str(tiny_checkpoint)
+    assert_seed_response(body, reranker)
 
 
 # rerank run: files, --json, --top-k, --instruction, progress --------------------------------------
@@ -506,12 +511,7 @@ def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpo
                                                  "return_documents": True}, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
-        expected = reranker.rank(SEED_QUERY, SEED_DOCS, return_documents=True)
-        assert [x["index"] for x in body["results"]] == [e.index for e in expected]
-        close([x["relevance_score"] for x in body["results"]], [e.relevance_score for e in expected])
-        assert [x["document"] for x in body["results"]] == [e.document for e in expected]
-        tokens = reranker.encode(SEED_QUERY, SEED_DOCS).num_tokens()
-        assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+        assert_seed_response(body, reranker)
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0, log_path.read_text()[-3000:]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .invariant import DEFAULT_TILE_ROWS
 from .prompt import DEFAULT_MAX_LENGTH
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,6 +21,25 @@ DEFAULT_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
 # per-row attention calls are small kernels launched one after another, so padded batches with
 # one attention call per layer are kept there.
 DEFAULT_PACKING = {"cpu": True}
+# Batch-invariant linear layers (rerank_core.invariant) by device type: on a CPU they cost little
+# (docs/benchmarks.md) and make every score independent of what shares its forward pass.
+DEFAULT_BATCH_INVARIANT = {"cpu": True}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), as torch reports it.
+
+    There bf16 matrix products run several times faster than fp32 (about 5x with AMX); elsewhere
+    bf16 is emulated and slower than fp32.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        found = capabilities()
+        return bool(found.get("amx_bf16") or found.get("avx512_bf16"))
+    # torch < 2.8 has no get_capabilities, but these two.
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -28,8 +48,9 @@ class EngineConfig:
 
     Attributes:
         device: ``"auto"`` (CUDA if available, else CPU) or a torch device string.
-        dtype: ``"auto"`` (bfloat16 on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``
-            or ``"float16"``.
+        dtype: ``"auto"`` (bfloat16 on CUDA and on CPUs that multiply bf16 natively, see
+            :func:`cpu_has_native_bf16`; float32 elsewhere), ``"float32"`` (the exact mode: 1e-5
+            to the model card), ``"bfloat16"`` or ``"float16"``.
         max_length: longest pair sequence in tokens; longer documents are cut at their tail.
         max_batch_tokens: tokens per forward pass (padding included in padded passes).
         max_batch_pairs: pairs per forward pass.
@@ -38,6 +59,11 @@ class EngineConfig:
             device (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
         packing: run packed forward passes (no padding; see :mod:`rerank_core.packing`);
             ``None``: by device (:data:`DEFAULT_PACKING`: on for CPU, off elsewhere).
+        batch_invariant: make each score independent of what else shares its forward pass, bit
+            for bit (linear layers in fixed row tiles, :mod:`rerank_core.invariant`; needs packed
+            passes); ``None``: by device (:data:`DEFAULT_BATCH_INVARIANT`: on for CPU packed
+            passes, off elsewhere).
+        tile_rows: rows per matrix product of the batch-invariant linear layers.
     """
 
     device: str = "auto"
@@ -48,15 +74,19 @@ class EngineConfig:
     share_prefix: bool = True
     max_padding: float | None = None
     packing: bool | None = None
+    batch_invariant: bool | None = None
+    tile_rows: int = DEFAULT_TILE_ROWS
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_length", "max_batch_tokens", "max_batch_pairs"):
+        for name in ("max_length", "max_batch_tokens", "max_batch_pairs", "tile_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_padding is not None and not 0.0 <= self.max_padding <= 1.0:
             raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
+        if self.batch_invariant and self.packing is False:
+            raise ValueError("batch_invariant needs packed passes (packing=True or None)")
 
     def torch_device(self) -> torch.device:
         """The device to run on, with ``"auto"`` resolved."""
@@ -76,8 +106,18 @@ class EngineConfig:
             return self.packing
         return DEFAULT_PACKING.get(device.type, False)
 
+    def invariant(self, device: torch.device) -> bool:
+        """:attr:`batch_invariant`, with ``None`` resolved for the device (and layout) in use."""
+        if not self.packed(device):
+            return False
+        if self.batch_invariant is not None:
+            return self.batch_invariant
+        return DEFAULT_BATCH_INVARIANT.get(device.type, False)
+
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+            device = self.torch_device().type
+            native = device == "cuda" or (device == "cpu" and cpu_has_native_bf16())
+            return torch.bfloat16 if native else torch.float32
         return DTYPES[self.dtype]

@@ -32,6 +32,7 @@ import torch
 
 from .batching import plan_batches, plan_packed
 from .head import YesNoHead
+from .invariant import DEFAULT_TILE_ROWS, tile_linear_layers
 from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
 
@@ -102,6 +103,11 @@ class PairScorer:
             This sets the backbone's attention implementation to
             :data:`~rerank_core.packing.ATTENTION_NAME` (its config is shared with the model that
             holds it), which behaves as SDPA for any other input.
+        batch_invariant: make every score bit-identical whatever else shares its pass (needs
+            ``packing``): the backbone's linear layers are replaced, in place, by fixed-tile ones
+            (:mod:`rerank_core.invariant`), and a query's shared part always runs as a prefix,
+            also for a single document, so that a document takes the same path alone or not.
+        tile_rows: rows per matrix product of the batch-invariant linear layers.
     """
 
     def __init__(
@@ -113,6 +119,8 @@ class PairScorer:
         share_prefix: bool = True,
         max_padding: float = 1.0,
         packing: bool = False,
+        batch_invariant: bool = False,
+        tile_rows: int = DEFAULT_TILE_ROWS,
     ):
         layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -124,6 +132,11 @@ class PairScorer:
         self.share_prefix = share_prefix
         self.max_padding = max_padding
         self.packing = packing
+        if batch_invariant and not packing:
+            raise ValueError("batch_invariant needs packed passes")
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            tile_linear_layers(backbone, tile_rows)
         if packing:
             # The packed attention function hands any other mask to stock SDPA, so the backbone
             # behaves as before outside packed passes.
@@ -168,8 +181,13 @@ class PairScorer:
         passes = tokens = 0
         stores: list = []
         prefix_of: list[PrefixRef | None] = [None] * len(queries)
-        # A prefix pass pays off from two documents on; a query with one runs as one whole pair.
-        shared = [q for q, query in enumerate(queries) if self.share_prefix and len(query.documents) > 1]
+        # A prefix pass pays off from two documents on; a query with one runs as one whole pair,
+        # unless scores must not depend on batch-mates: a whole pair rounds differently.
+        shared = [
+            q
+            for q, query in enumerate(queries)
+            if self.share_prefix and (len(query.documents) > 1 or self.batch_invariant)
+        ]
         if shared:
             lengths = [len(queries[q].shared) for q in shared]
             for plan in self._plan_packed(lengths):

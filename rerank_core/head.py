@@ -48,8 +48,12 @@ class YesNoHead(torch.nn.Module):
         self.register_buffer("weight", weight.detach().clone())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``logit_yes - logit_no`` for hidden states of shape ``(n, hidden_size)``."""
-        return hidden.float() @ self.weight
+        """``logit_yes - logit_no`` for hidden states of shape ``(n, hidden_size)``.
+
+        A product and a sum per row rather than a matrix-vector product: the BLAS product picks
+        its blocking from ``n``, so a row's logit would depend on how many rows came with it.
+        """
+        return (hidden.float() * self.weight).sum(dim=-1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Yes-probabilities in [0, 1], shape ``(n,)``."""

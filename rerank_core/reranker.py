@@ -83,6 +83,8 @@ class Reranker:
             config.share_prefix,
             config.padding_share(device),
             config.packed(device),
+            config.invariant(device),
+            config.tile_rows,
         )
         self.device = device
         self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]

@@ -176,10 +176,15 @@ def test_packed_passes_compute_no_padding(reranker):
     assert result.stats.padded_tokens == result.stats.tokens
 
 
-def test_packed_single_document_query_runs_one_pass(reranker, official_model):
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_packed_single_document_query(tiny_checkpoint, official_model, batch_invariant):
+    """One pass without batch invariance; with it, the prefix runs apart as for several documents."""
     model, tokenizer = official_model
-    result = reranker.scorer.score([reranker.encode(QUERY, [DOCS[0]])])
-    assert result.stats.forward_passes == 1  # no prefix pass for a single document
+    engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(batch_invariant=batch_invariant)
+    )
+    result = engine.scorer.score([engine.encode(QUERY, [DOCS[0]])])
+    assert result.stats.forward_passes == (2 if batch_invariant else 1)
     _close(result.scores[0], official_scores(model, tokenizer, QUERY, [DOCS[0]]))
 
 
@@ -208,10 +213,21 @@ def test_packed_queries_with_different_prefix_lengths_in_one_row(tiny_checkpoint
         _close(scores, alone)
 
 
-def test_auto_device_dtype_and_padding_on_cpu(reranker):
+def test_auto_device_dtype_and_padding_on_cpu(reranker, monkeypatch):
     config = EngineConfig()
     assert str(config.torch_device()) == "cpu"
-    assert str(config.torch_dtype()) == "torch.float32"
+    # bf16 where the CPU multiplies it natively, as torch reports; float32 elsewhere.
+    import rerank_core.config as config_module
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert config.torch_dtype() == dtype
+    monkeypatch.undo()
+    capabilities = torch.cpu.get_capabilities()
+    assert config_module.cpu_has_native_bf16() == bool(capabilities["amx_bf16"] or capabilities["avx512_bf16"])
+    assert EngineConfig(dtype="float32").torch_dtype() == torch.float32
+    assert reranker.scorer.batch_invariant is True
+    assert config.invariant(torch.device("cpu")) and not config.invariant(torch.device("cuda"))
     assert reranker.scorer.max_padding == 0.1
     assert EngineConfig(max_padding=0.3).padding_share(torch.device("cpu")) == 0.3
     assert config.padding_share(torch.device("cuda")) == 0.5

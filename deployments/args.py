@@ -50,7 +50,9 @@ class ModelArgs(_Strict):
     )
     cache_dir: str | None = Field(None, description="Download cache (default: $RERANK_CACHE_DIR).")
     max_length: int = Field(DEFAULT_MAX_LENGTH, gt=0, description="Longest pair, in tokens.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else float32."
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     max_batch_tokens: int = Field(
         DEFAULT_MAX_BATCH_TOKENS, gt=0, description="Tokens per forward pass (padding included in padded passes)."
@@ -61,6 +63,11 @@ class ModelArgs(_Strict):
     )
     packing: bool | None = Field(
         None, description="Packed forward passes: rows joined without padding (default: on for CPU, off on CUDA)."
+    )
+    batch_invariant: bool | None = Field(
+        None,
+        description="Scores bit-identical whatever else shares a forward pass (needs packing; default: on for "
+        "CPU, off on CUDA).",
     )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
     deployment: dict[str, Any] = Field(

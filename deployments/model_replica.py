@@ -59,6 +59,7 @@ class ModelReplica:
             max_batch_pairs=model.max_batch_pairs,
             max_padding=model.max_padding,
             packing=model.packing,
+            batch_invariant=model.batch_invariant,
         )
         self.engine = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir, config=config)
         self.metrics = ReplicaMetrics(model.name)

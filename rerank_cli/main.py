@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-length", type=positive_int, metavar="TOKENS",
                      help="longest query+document prompt in tokens; longer documents are cut (default: 8192)")
     run.add_argument("--device", metavar="DEVICE", help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
-    run.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA, else float32)")
+    run.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA and on CPUs with native bf16, "
+                     "else float32; float32 is the exact mode)")
     add_model_source_options(run)
     run.add_argument("--json", action="store_true",
                      help="print the POST /rerank response body (with documents) instead of a table")

@@ -34,6 +34,15 @@ SEED_DOCS = [
 INSTRUCTION = "Given a question about rivers, retrieve passages about geography"
 
 
+@pytest.fixture(scope="module")
+def reranker(tiny_checkpoint):
+    """The engine as the command line loads it: default dtype (``auto``: bf16 on CPUs that multiply
+    it natively, float32 elsewhere). Batch-invariant, so its scores equal the command's exactly."""
+    from rerank_core import Reranker
+
+    return Reranker.load(str(tiny_checkpoint), device="cpu")
+
+
 def cli(*args, env: dict | None = None, cwd=None, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run the installed ``rerank`` script; no hub is reachable, so hub clients are kept offline."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RERANK_CACHE_DIR", "RERANK_HUB")}

@@ -187,6 +187,10 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_scores(service,
     for q, r in zip(queries, responses):
         got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
         close([got[i] for i in range(3)], reranker.score(q, DOCS[:3]))
+    # Batch invariance: each request alone gets the very same numbers it got batched with others.
+    for q, r in zip(queries, responses):
+        alone = post(f"{service}/rerank", {"query": q, "documents": DOCS[:3]}).json()["results"]
+        assert alone == r.json()["results"]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,10 @@ DEFAULT_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
 # per-row attention calls are small kernels launched one after another, so padded batches with
 # one attention call per layer are kept there.
 DEFAULT_PACKING = {"cpu": True}
+# How packed passes run attention: "segments", one SDPA call per row (any device, any dtype);
+# "varlen", one variable-length flash-attention call per layer (CUDA, float16/bfloat16 only; see
+# rerank_core.varlen). The default is "varlen" where it can run, "segments" elsewhere.
+PACKED_ATTENTION = ("segments", "varlen")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class EngineConfig:
             device (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
         packing: run packed forward passes (no padding; see :mod:`rerank_core.packing`);
             ``None``: by device (:data:`DEFAULT_PACKING`: on for CPU, off elsewhere).
+        packed_attention: how packed passes run attention, one of :data:`PACKED_ATTENTION`;
+            ``None``: ``"varlen"`` on CUDA in float16/bfloat16, ``"segments"`` otherwise. The
+            varlen path is checked against padded passes at start-up and replaced by them if
+            they disagree (:func:`rerank_core.varlen.self_check`).
     """
 
     device: str = "auto"
@@ -48,6 +56,7 @@ class EngineConfig:
     share_prefix: bool = True
     max_padding: float | None = None
     packing: bool | None = None
+    packed_attention: str | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -57,6 +66,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_padding is not None and not 0.0 <= self.max_padding <= 1.0:
             raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
+        if self.packed_attention is not None and self.packed_attention not in PACKED_ATTENTION:
+            raise ValueError(
+                f"packed_attention must be None or one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}"
+            )
 
     def torch_device(self) -> torch.device:
         """The device to run on, with ``"auto"`` resolved."""
@@ -75,6 +88,13 @@ class EngineConfig:
         if self.packing is not None:
             return self.packing
         return DEFAULT_PACKING.get(device.type, False)
+
+    def packed_attention_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        """:attr:`packed_attention`, with ``None`` resolved for the model's device and dtype."""
+        if self.packed_attention is not None:
+            return self.packed_attention
+        half = dtype in (torch.float16, torch.bfloat16)
+        return "varlen" if device.type == "cuda" and half else "segments"
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""

@@ -102,6 +102,11 @@ class PairScorer:
             This sets the backbone's attention implementation to
             :data:`~rerank_core.packing.ATTENTION_NAME` (its config is shared with the model that
             holds it), which behaves as SDPA for any other input.
+        packed_attention: how packed passes run attention: ``None`` for one SDPA call per row
+            (:mod:`rerank_core.packing`), or an object with a ``name`` (a registered attention
+            implementation) and ``prepare(segments, device)`` returning the mask that
+            implementation takes (:class:`~rerank_core.varlen.VarlenAttention`: one
+            variable-length kernel call per layer, for CUDA).
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class PairScorer:
         share_prefix: bool = True,
         max_padding: float = 1.0,
         packing: bool = False,
+        packed_attention=None,
     ):
         layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -124,10 +130,11 @@ class PairScorer:
         self.share_prefix = share_prefix
         self.max_padding = max_padding
         self.packing = packing
+        self.packed_attention = packed_attention
         if packing:
             # The packed attention function hands any other mask to stock SDPA, so the backbone
             # behaves as before outside packed passes.
-            backbone.set_attn_implementation(ATTENTION_NAME)
+            backbone.set_attn_implementation(packed_attention.name if packed_attention else ATTENTION_NAME)
         self.device = next(backbone.parameters()).device
         # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
         params = inspect.signature(backbone.forward).parameters
@@ -205,11 +212,12 @@ class PairScorer:
         """Final hidden states ``(tokens, hidden)`` of one packed row made of ``pieces``."""
         ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=self.device)
         positions = torch.tensor(segments.positions(), dtype=torch.long, device=self.device)
+        mask = segments if self.packed_attention is None else self.packed_attention.prepare(segments, self.device)
         return self.backbone(
             input_ids=ids[None],
             position_ids=positions[None],
             # A prepared mapping: transformers passes it to the attention function as it is.
-            attention_mask={"full_attention": segments},
+            attention_mask={"full_attention": mask},
             use_cache=False,
         ).last_hidden_state[0]
 

@@ -364,3 +364,32 @@ def test_varlen_flash_kernel_matches_the_reference_on_cuda():
         segments = _mixed_segments(stores)
         outputs.append(varlen_attention(module, query, key, value, VarlenPass(segments, build_layout(segments, "cuda"), kernel))[0])
     assert torch.allclose(outputs[0].float(), outputs[1].float(), atol=2e-2)
+
+
+# --- bench/gpu.py's layout comparison, smoke-run on CPU with the stand-in kernel -------------------
+
+
+@pytest.mark.slow
+def test_varlen_bench_layouts_smoke_on_cpu(tiny_checkpoint, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds bench/ and the root
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "STAND_IN", True)
+    out = bench.layouts(tiny_checkpoint, torch.device("cpu"), queries=2, docs=3, repeats=1, budgets=[200, 100_000])
+    small, large = out["packed budget=200"], out["packed budget=100000"]
+    assert small["path"] == large["path"] == "packed-varlen"
+    assert out["padded budget=200"]["path"] == "padded"
+    assert small["computed_tokens"] == small["tokens"] == large["tokens"]
+    assert out["padded budget=100000"]["computed_tokens"] > out["padded budget=100000"]["tokens"]
+    assert small["forward_passes"] > large["forward_passes"] == 2
+    for row in (small, large):
+        assert row["max_abs_diff_vs_padded"] <= SELF_CHECK_TOLERANCE
+        assert row["pairs_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_gib"] is None
+    assert out["packed/padded budget=200"] > 0

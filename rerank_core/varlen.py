@@ -45,7 +45,8 @@ So each layer gathers, once per pass, a packed key buffer in which each segment'
 prefix's keys followed by its own: one indexed copy per prefix store and one for the pass's own
 keys, a buffer of ``sum(prefix + own)`` tokens that lives for that layer's call only (the CPU path
 copies the same amount, one concatenation per segment). Prefix keys stay stored once per query
-between passes. A pass in which no segment has a prefix uses its keys as they are, without a copy.
+between passes. A pass in which no segment has a prefix (a prefix pass, or single-document
+queries only) needs no gather: its own keys are the buffer.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class VarlenLayout:
         max_k: longest key sequence (prefix + own).
         total_k: length of the packed key buffer.
         own_dst: ``(tokens,)`` int64, where each of the pass's own keys goes in the buffer;
-            ``None`` when no segment has a prefix (the buffer is then the pass's keys as they are).
+            ``None`` when no segment has a prefix (the buffer is then the pass's own keys).
         sources: per prefix store read by this pass, which of its keys go where.
     """
 

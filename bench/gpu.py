@@ -20,6 +20,17 @@ random weights they measure rounding only).
    engine packed, and the official procedure in bfloat16 one query at a time. One warm-up call
    each, then ``--repeats`` timed calls (CUDA synchronized) alternating the variants; medians.
    Reported: pairs/s, ratios to the official procedure, and peak GPU memory per variant.
+3. **Layouts.** The same call, bfloat16, padded against packed passes at several token budgets
+   per pass (``--budgets``, ``max_batch_tokens``). On CUDA packed passes run attention as one
+   ``varlen_attn`` call per layer (``rerank_core/varlen.py``), after the engine's start-up check
+   against padded passes; each engine's path (and any reason the check gave for falling back to
+   padded) is reported. Per layout and budget: forward passes, real and computed tokens, pairs/s,
+   real tokens/s, and peak GPU memory; one warm-up call, then ``--repeats`` timed calls
+   alternating the two layouts; medians. These figures decide ``packing``'s CUDA default.
+
+``--varlen-stand-in`` runs the varlen path with ``rerank_core.varlen.reference_varlen_attn`` in
+place of torch's CUDA kernel: with ``--device cpu`` it smoke-runs every step of the script on CPU
+(the times then say nothing about the GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine as bench_engine  # noqa: E402  (bench/engine.py: workloads, checkpoint)
 
 from rerank_core import EngineConfig, Reranker  # noqa: E402
+from rerank_core.varlen import reference_varlen_attn  # noqa: E402
 from tests.reference import official_scores  # noqa: E402
 
 
@@ -64,9 +77,25 @@ def load_official(checkpoint: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval(), tokenizer
 
 
-def load_engine(checkpoint: Path, device: torch.device, dtype: str, packing: bool) -> Reranker:
-    config = EngineConfig(device=str(device), dtype=dtype, packing=packing)
-    return Reranker.load(str(checkpoint), config=config)
+# Set from --varlen-stand-in: packed engines run the varlen path with the CPU reference kernel.
+STAND_IN = False
+
+
+def load_engine(checkpoint: Path, device: torch.device, dtype: str, packing: bool, **settings) -> Reranker:
+    """The engine on ``device``; ``settings`` are further :class:`EngineConfig` fields."""
+    if STAND_IN and packing:
+        settings["packed_attention"] = "varlen"
+    config = EngineConfig(device=str(device), dtype=dtype, packing=packing, **settings)
+    return Reranker.load(str(checkpoint), config=config, varlen_kernel=reference_varlen_attn if STAND_IN else None)
+
+
+def engine_path(engine: Reranker) -> str:
+    """How the engine runs its passes: padded, packed-segments or packed-varlen (after its check)."""
+    scorer = engine.scorer
+    if not scorer.packing:
+        failure = engine.packed_check_failure
+        return "padded" if failure is None else f"padded (varlen check failed: {failure})"
+    return "packed-varlen" if scorer.packed_attention is not None else "packed-segments"
 
 
 def ranking(scores: list[float]) -> list[int]:
@@ -86,11 +115,12 @@ def parity(checkpoint: Path, device: torch.device) -> dict:
             scores = engine.score(bench_engine.QUERY, documents)
             name = f"engine {dtype} {'packed' if packing else 'padded'}"
             out[name] = {
+                "path": engine_path(engine),
                 "max_abs_diff_vs_official_fp32": max(abs(a - b) for a, b in zip(scores, reference)),
                 "same_ranking": ranking(scores) == ranking(reference),
             }
             print(f"[parity] {name:26s} max |diff| {out[name]['max_abs_diff_vs_official_fp32']:.2e}"
-                  f"  same ranking: {out[name]['same_ranking']}", flush=True)
+                  f"  same ranking: {out[name]['same_ranking']}  ({out[name]['path']})", flush=True)
             del engine
             gc.collect()
     return out
@@ -108,14 +138,42 @@ def throughput(checkpoint: Path, device: torch.device, queries: int, docs: int, 
         )
     model, tokenizer = load_official(checkpoint, device, torch.bfloat16)
     variants["official bf16"] = lambda: [official_scores(model, tokenizer, q, d) for q, d in requests]
+    measured = timed_medians(variants, device, repeats)
+    official = measured["official bf16"].median
+    out = {}
+    for name, m in measured.items():
+        out[name] = {"median_s": m.median, "pairs_per_s": pairs / m.median, "vs_official": official / m.median,
+                     "peak_gib": m.peak_gib, "call_peak_gib": m.call_peak_gib, "all_s": m.all_s}
+        print(f"[throughput] {name:20s} {m.median:8.3f} s  {pairs / m.median:9.1f} pairs/s  "
+              f"{official / m.median:5.2f}x official  peak {gib(m.peak_gib)} (call {gib(m.call_peak_gib)})", flush=True)
+    return out
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    peaks: dict[str, float | None] = {}
-    for name, run in variants.items():  # warm-up, and the peak memory of one call
-        peak_reset(device)
-        run()
+
+def gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} GiB"
+
+
+@dataclass
+class Measured:
+    median: float
+    all_s: list[float]
+    peak_gib: float | None  # peak of all GPU memory allocated during the warm-up call
+    call_peak_gib: float | None  # the same above what was allocated before the call (weights...)
+    result: object  # what the warm-up call returned
+
+
+def timed_medians(variants: dict, device: torch.device, repeats: int) -> dict[str, Measured]:
+    """Per variant: one warm-up call (its peak memory), then ``repeats`` timed calls, alternating."""
+    warm = {}
+    for name, run in variants.items():
         sync(device)
-        peaks[name] = peak_gib(device)
+        before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        peak_reset(device)
+        result = run()
+        sync(device)
+        peak = peak_gib(device)
+        warm[name] = (peak, None if peak is None else peak - before, result)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
@@ -124,15 +182,45 @@ def throughput(checkpoint: Path, device: torch.device, queries: int, docs: int, 
             variants[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    official = statistics.median(times["official bf16"])
+    return {name: Measured(statistics.median(times[name]), times[name], *warm[name]) for name in names}
+
+
+def layouts(checkpoint: Path, device: torch.device, queries: int, docs: int, repeats: int, budgets: list[int]) -> dict:
+    """Padded against packed passes, bf16, at each token budget."""
+    requests = [(f"{bench_engine.QUERY} ({q})", bench_engine.workload_a(seed=q, count=docs)) for q in range(queries)]
+    pairs = queries * docs
     out = {}
-    for name in names:
-        median = statistics.median(times[name])
-        out[name] = {"median_s": median, "pairs_per_s": pairs / median, "vs_official": official / median,
-                     "peak_gib": peaks[name], "all_s": times[name]}
-        peak = "n/a" if peaks[name] is None else f"{peaks[name]:.2f} GiB"
-        print(f"[throughput] {name:20s} {median:8.3f} s  {pairs / median:9.1f} pairs/s  "
-              f"{official / median:5.2f}x official  peak {peak}", flush=True)
+    for budget in budgets:
+        variants, paths = {}, {}
+        for packing in (False, True):
+            name = "packed" if packing else "padded"
+            engine = load_engine(checkpoint, device, "bfloat16", packing, max_batch_tokens=budget)
+            encoded = [engine.encode(q, d) for q, d in requests]
+            variants[name] = lambda engine=engine, encoded=encoded: engine.scorer.score(encoded)
+            paths[name] = engine_path(engine)
+        measured = timed_medians(variants, device, repeats)
+        padded_scores = measured["padded"].result.scores
+        for name, m in measured.items():
+            stats = m.result.stats
+            row = {
+                "path": paths[name], "median_s": m.median, "all_s": m.all_s, "pairs_per_s": pairs / m.median,
+                "tokens_per_s": stats.tokens / m.median, "forward_passes": stats.forward_passes,
+                "tokens": stats.tokens, "computed_tokens": stats.padded_tokens,
+                "peak_gib": m.peak_gib, "call_peak_gib": m.call_peak_gib,
+                "max_abs_diff_vs_padded": max(
+                    abs(a - b) for got, want in zip(m.result.scores, padded_scores) for a, b in zip(got, want)
+                ),
+            }
+            out[f"{name} budget={budget}"] = row
+            print(f"[layouts] budget {budget:6d} {name:6s} {m.median:8.3f} s  {row['pairs_per_s']:9.1f} pairs/s  "
+                  f"{row['tokens_per_s']:10.0f} tokens/s  {stats.forward_passes:3d} passes  "
+                  f"{stats.padded_tokens:7d}/{stats.tokens} tokens computed/real  call peak {gib(m.call_peak_gib)}  "
+                  f"max |diff| vs padded {row['max_abs_diff_vs_padded']:.1e}  ({paths[name]})", flush=True)
+        ratio = measured["padded"].median / measured["packed"].median
+        out[f"packed/padded budget={budget}"] = ratio
+        print(f"[layouts] budget {budget:6d} packed/padded pairs/s: {ratio:.2f}x", flush=True)
+        del variants
+        gc.collect()
     return out
 
 
@@ -143,24 +231,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=8, help="queries in the throughput call (default 8)")
     parser.add_argument("--docs", type=int, default=64, help="documents per query (default 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (default 5)")
-    parser.add_argument("--quick", action="store_true", help="2 queries x 8 documents, 2 repeats")
+    parser.add_argument("--budgets", default="4096,8192,16384,32768",
+                        help="max_batch_tokens values for the layout comparison (default 4096,8192,16384,32768)")
+    parser.add_argument("--varlen-stand-in", action="store_true",
+                        help="packed engines use the varlen path with the CPU reference kernel (smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="2 queries x 8 documents, 2 repeats, budgets 1024,4096")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu for a smoke run")
     if args.quick:
-        args.queries, args.docs, args.repeats = 2, 8, 2
+        args.queries, args.docs, args.repeats, args.budgets = 2, 8, 2, "1024,4096"
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        parser.error(f"--budgets takes comma-separated integers, got {args.budgets!r}")
+    global STAND_IN
+    STAND_IN = args.varlen_stand_in
     checkpoint, _ = bench_engine.ensure_checkpoint(args.checkpoint)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "checkpoint": str(checkpoint),
-            "queries": args.queries, "docs": args.docs, "repeats": args.repeats}
+            "queries": args.queries, "docs": args.docs, "repeats": args.repeats, "budgets": budgets,
+            "varlen_stand_in": STAND_IN}
     import transformers
 
     info["transformers"] = transformers.__version__
     print(f"[setup] {json.dumps(info)}", flush=True)
     result = {"setup": info, "parity": parity(checkpoint, device),
-              "throughput": throughput(checkpoint, device, args.queries, args.docs, args.repeats)}
+              "throughput": throughput(checkpoint, device, args.queries, args.docs, args.repeats),
+              "layouts": layouts(checkpoint, device, args.queries, args.docs, args.repeats, budgets)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

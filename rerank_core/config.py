@@ -42,6 +42,12 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
+# How packed passes run attention: "segments", one SDPA call per row (any device, any dtype);
+# "varlen", one variable-length flash-attention call per layer (CUDA, float16/bfloat16 only; see
+# rerank_core.varlen). The default is "varlen" where it can run, "segments" elsewhere.
+PACKED_ATTENTION = ("segments", "varlen")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs a checkpoint.
@@ -64,6 +70,10 @@ class EngineConfig:
             passes); ``None``: by device (:data:`DEFAULT_BATCH_INVARIANT`: on for CPU packed
             passes, off elsewhere).
         tile_rows: rows per matrix product of the batch-invariant linear layers.
+        packed_attention: how packed passes run attention, one of :data:`PACKED_ATTENTION`;
+            ``None``: ``"varlen"`` on CUDA in float16/bfloat16, ``"segments"`` otherwise. The
+            varlen path is checked against padded passes at start-up and replaced by them if
+            they disagree (:func:`rerank_core.varlen.self_check`).
     """
 
     device: str = "auto"
@@ -76,6 +86,7 @@ class EngineConfig:
     packing: bool | None = None
     batch_invariant: bool | None = None
     tile_rows: int = DEFAULT_TILE_ROWS
+    packed_attention: str | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -87,6 +98,10 @@ class EngineConfig:
             raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
         if self.batch_invariant and self.packing is False:
             raise ValueError("batch_invariant needs packed passes (packing=True or None)")
+        if self.packed_attention is not None and self.packed_attention not in PACKED_ATTENTION:
+            raise ValueError(
+                f"packed_attention must be None or one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}"
+            )
 
     def torch_device(self) -> torch.device:
         """The device to run on, with ``"auto"`` resolved."""
@@ -113,6 +128,13 @@ class EngineConfig:
         if self.batch_invariant is not None:
             return self.batch_invariant
         return DEFAULT_BATCH_INVARIANT.get(device.type, False)
+
+    def packed_attention_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        """:attr:`packed_attention`, with ``None`` resolved for the model's device and dtype."""
+        if self.packed_attention is not None:
+            return self.packed_attention
+        half = dtype in (torch.float16, torch.bfloat16)
+        return "varlen" if device.type == "cuda" and half else "segments"
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""

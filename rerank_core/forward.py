@@ -103,6 +103,11 @@ class PairScorer:
             This sets the backbone's attention implementation to
             :data:`~rerank_core.packing.ATTENTION_NAME` (its config is shared with the model that
             holds it), which behaves as SDPA for any other input.
+        packed_attention: how packed passes run attention: ``None`` for one SDPA call per row
+            (:mod:`rerank_core.packing`), or an object with a ``name`` (a registered attention
+            implementation) and ``prepare(segments, device)`` returning the mask that
+            implementation takes (:class:`~rerank_core.varlen.VarlenAttention`: one
+            variable-length kernel call per layer, for CUDA).
         batch_invariant: make every score bit-identical whatever else shares its pass (needs
             ``packing``): the backbone's linear layers are replaced, in place, by fixed-tile ones
             (:mod:`rerank_core.invariant`), and a query's shared part always runs as a prefix,
@@ -119,6 +124,7 @@ class PairScorer:
         share_prefix: bool = True,
         max_padding: float = 1.0,
         packing: bool = False,
+        packed_attention=None,
         batch_invariant: bool = False,
         tile_rows: int = DEFAULT_TILE_ROWS,
     ):
@@ -137,10 +143,11 @@ class PairScorer:
         self.batch_invariant = batch_invariant
         if batch_invariant:
             tile_linear_layers(backbone, tile_rows)
+        self.packed_attention = packed_attention
         if packing:
             # The packed attention function hands any other mask to stock SDPA, so the backbone
             # behaves as before outside packed passes.
-            backbone.set_attn_implementation(ATTENTION_NAME)
+            backbone.set_attn_implementation(packed_attention.name if packed_attention else ATTENTION_NAME)
         self.device = next(backbone.parameters()).device
         # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
         params = inspect.signature(backbone.forward).parameters
@@ -223,11 +230,12 @@ class PairScorer:
         """Final hidden states ``(tokens, hidden)`` of one packed row made of ``pieces``."""
         ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=self.device)
         positions = torch.tensor(segments.positions(), dtype=torch.long, device=self.device)
+        mask = segments if self.packed_attention is None else self.packed_attention.prepare(segments, self.device)
         return self.backbone(
             input_ids=ids[None],
             position_ids=positions[None],
             # A prepared mapping: transformers passes it to the attention function as it is.
-            attention_mask={"full_attention": segments},
+            attention_mask={"full_attention": mask},
             use_cache=False,
         ).last_hidden_state[0]
 

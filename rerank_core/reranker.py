@@ -13,6 +13,7 @@ from .head import YesNoHead, answer_token_ids
 from .prompt import EncodedQuery, PromptEncoder
 from .ranking import RankResult, rank
 from .registry import TOKENIZER_FILES, ModelSourceError, resolve_source
+from .varlen import VarlenAttention, checked_scorer
 
 _PROBE = ("What is the capital of France?", "Paris is the capital and largest city of France.")
 
@@ -67,25 +68,32 @@ class Reranker:
     the model card defines them (up to floating-point rounding).
     """
 
-    def __init__(self, model, tokenizer, config: EngineConfig, name: str = "qwen3-reranker"):
+    def __init__(self, model, tokenizer, config: EngineConfig, name: str = "qwen3-reranker", varlen_kernel=None):
         self.name = name
         self.config = config
         self.encoder = PromptEncoder(tokenizer, config.max_length)
         yes_id, no_id = answer_token_ids(tokenizer)
-        device = next(model.parameters()).device
+        parameter = next(model.parameters())
+        device = parameter.device
         head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)
-        # Only the decoder and the one-row head are kept: the vocabulary projection is never run.
-        self.scorer = PairScorer(
-            model.get_decoder(),
-            head,
-            config.max_batch_tokens,
-            config.max_batch_pairs,
-            config.share_prefix,
-            config.padding_share(device),
-            config.packed(device),
-            config.invariant(device),
-            config.tile_rows,
-        )
+
+        def scorer(packing: bool, packed_attention=None) -> PairScorer:
+            # Only the decoder and the one-row head are kept: the vocabulary projection is never run.
+            return PairScorer(
+                model.get_decoder(), head, config.max_batch_tokens, config.max_batch_pairs,
+                config.share_prefix, config.padding_share(device), packing, packed_attention,
+                batch_invariant=packing and config.invariant(device), tile_rows=config.tile_rows,
+            )
+
+        packing = config.packed(device)
+        # Why the varlen packed path was replaced by padded passes at start-up (None: it was not).
+        self.packed_check_failure: str | None = None
+        if packing and config.packed_attention_for(device, parameter.dtype) == "varlen":
+            self.scorer, self.packed_check_failure = checked_scorer(
+                scorer(True, VarlenAttention(varlen_kernel)), scorer(False), self.encoder.encode
+            )
+        else:
+            self.scorer = scorer(packing)
         self.device = device
         self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
 
@@ -100,6 +108,7 @@ class Reranker:
         hub: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         config: EngineConfig | None = None,
+        varlen_kernel=None,
     ) -> Reranker:
         """Load a checkpoint from a registry name, hub id or local directory.
 
@@ -110,6 +119,9 @@ class Reranker:
             hub: ``"modelscope"`` (default) or ``"huggingface"`` for hub ids.
             cache_dir: where downloads go.
             config: engine settings (batch budgets, prefix sharing); defaults otherwise.
+            varlen_kernel: the kernel of the varlen packed path (``config.packed_attention``),
+                with the signature of ``torch.nn.attention.varlen.varlen_attn`` (the default);
+                e.g. :func:`~rerank_core.varlen.reference_varlen_attn` to run that path on CPU.
 
         Raises:
             ModelSourceError: the source cannot be found, downloaded or read.
@@ -136,7 +148,7 @@ class Reranker:
                 f"Qwen3ForCausalLM scored by the probability of 'yes'"
             )
         model.to(torch_device).eval()
-        return cls(model, tokenizer, config, name=str(source))
+        return cls(model, tokenizer, config, name=str(source), varlen_kernel=varlen_kernel)
 
     def encode(self, query: str, documents: Sequence[str], instruction: str | None = None) -> EncodedQuery:
         """Validate and tokenize one query with its documents (see :class:`PromptEncoder`).

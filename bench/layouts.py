@@ -1,4 +1,4 @@
-"""Engine variants side by side, each timed in fresh processes (CPU, fp32, workload A).
+"""Engine variants side by side, each timed in fresh processes (CPU, workload A).
 
 Run from the repository root:
 
@@ -15,7 +15,13 @@ first, its minor page faults per call, and the largest score difference to the f
 
 Variants (``--variants``, comma-separated):
 
-* ``packed``: the CPU default (:mod:`rerank_core.packing`);
+* ``packed``: the CPU default layout (:mod:`rerank_core.packing`), fp32, batch-invariant;
+* ``packed-variant``: ``packed`` without batch invariance (``batch_invariant=False``: plain
+  linear layers, a single document's query runs as one whole pair);
+* ``bf16``: ``packed`` in bfloat16 (the default dtype on CPUs with AMX or AVX512-BF16);
+* ``bf16-variant``: ``bf16`` without batch invariance;
+* ``bf16-tile128``, ``bf16-tile512``: ``bf16`` with 128 / 512 rows per linear-layer tile
+  (default 256);
 * ``padded``: ``EngineConfig(packing=False)``, length-sorted padded batches (10 % padding cap);
 * ``packed-malloc``: ``packed`` with glibc told to keep freed memory
   (``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_`` large), which removes
@@ -47,6 +53,11 @@ JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,d
 
 VARIANTS = {
     "packed": ({"packing": True}, {}),
+    "packed-variant": ({"packing": True, "batch_invariant": False}, {}),
+    "bf16": ({"packing": True, "dtype": "bfloat16"}, {}),
+    "bf16-variant": ({"packing": True, "dtype": "bfloat16", "batch_invariant": False}, {}),
+    "bf16-tile128": ({"packing": True, "dtype": "bfloat16", "tile_rows": 128}, {}),
+    "bf16-tile512": ({"packing": True, "dtype": "bfloat16", "tile_rows": 512}, {}),
     "padded": ({"packing": False}, {}),
     "packed-malloc": (
         {"packing": True},
@@ -71,7 +82,8 @@ def child(checkpoint: str, variant: str, calls: int) -> None:
     """One sample, in a fresh interpreter: prints ``SAMPLE_JSON {...}``."""
     from rerank_core import EngineConfig, Reranker
 
-    engine = Reranker.load(checkpoint, device="cpu", dtype="float32", config=EngineConfig(**VARIANTS[variant][0]))
+    settings = {"dtype": "float32", **VARIANTS[variant][0]}
+    engine = Reranker.load(checkpoint, device="cpu", config=EngineConfig(**settings))
     documents = bench_engine.workload_a()
     scores = engine.score(bench_engine.QUERY, documents)  # warm-up
     times, faults = [], []

@@ -38,6 +38,9 @@ class EngineConfig:
             device (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
         packing: run packed forward passes (no padding; see :mod:`rerank_core.packing`);
             ``None``: by device (:data:`DEFAULT_PACKING`: on for CPU, off elsewhere).
+        max_chunks_per_doc: default most windows per document (:mod:`rerank_core.windows`);
+            1 scores the tail-truncated document, as the model card does.
+        chunk_overlap_tokens: tokens shared by consecutive windows of a document.
     """
 
     device: str = "auto"
@@ -48,15 +51,19 @@ class EngineConfig:
     share_prefix: bool = True
     max_padding: float | None = None
     packing: bool | None = None
+    max_chunks_per_doc: int = 1
+    chunk_overlap_tokens: int = 0
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_length", "max_batch_tokens", "max_batch_pairs"):
+        for name in ("max_length", "max_batch_tokens", "max_batch_pairs", "max_chunks_per_doc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_padding is not None and not 0.0 <= self.max_padding <= 1.0:
             raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
+        if not 0 <= self.chunk_overlap_tokens < self.max_length:
+            raise ValueError(f"chunk_overlap_tokens must be in [0, max_length), got {self.chunk_overlap_tokens}")
 
     def torch_device(self) -> torch.device:
         """The device to run on, with ``"auto"`` resolved."""

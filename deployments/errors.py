@@ -93,7 +93,8 @@ ERROR_RESPONSES = {
     for status, description in {
         401: "API keys are configured and the bearer token is missing or wrong.",
         404: "The requested model is not configured.",
-        413: "Too many documents, characters, or body bytes.",
+        413: "Too many documents, characters, body bytes, or (query, window) pairs; or, with TEI's "
+        "`truncate: false`, a pair over max_length.",
         422: "Invalid body: empty query, no documents, wrong types, unknown fields, top_k < 1, "
         "or a query too long to leave room for a document.",
         503: "Overloaded (back-pressure) or no replica available; see Retry-After.",

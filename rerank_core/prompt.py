@@ -55,8 +55,10 @@ class EncodedQuery:
 
     Attributes:
         shared: prefix + instruction + query + ``"<Document>:"``, common to every document.
-        documents: per document, ``" {document}"`` (tail-truncated) followed by the suffix.
-        truncated: per document, whether its text was cut to fit ``max_length``.
+        documents: per document, ``" {document}"`` (tail-truncated) followed by the suffix; or,
+            for a query encoded as windows (:mod:`rerank_core.windows`), one such row per window.
+        truncated: per row, whether its document lost tokens (past ``max_length``, or past its
+            last window).
     """
 
     shared: list[int]

@@ -189,13 +189,25 @@ class Reranker:
         """Scores for already-encoded queries, one list per query in input order."""
         return self.scorer.score(queries).scores
 
-    def score_documents(self, query: str, documents: Sequence[str], instruction: str | None = None,
-                        **options) -> DocumentScores:
+    def score_documents(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None = None,
+        *,
+        max_chunks_per_doc: int | None = None,
+        max_tokens_per_doc: int | None = None,
+        truncation_side: str = "right",
+        return_spans: bool = False,
+    ) -> DocumentScores:
         """Everything known about each document's score: logits, best windows, spans, tokens.
 
-        ``options`` are those of :meth:`encode_windows`.
+        Arguments as for :meth:`encode_windows`.
         """
-        windowed = self.encode_windows(query, documents, instruction, **options)
+        windowed = self.encode_windows(
+            query, documents, instruction, max_chunks_per_doc=max_chunks_per_doc,
+            max_tokens_per_doc=max_tokens_per_doc, truncation_side=truncation_side, return_spans=return_spans,
+        )
         return windowed.best(self.scorer.score([windowed.encoded]).logits[0])
 
     def score(

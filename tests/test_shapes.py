@@ -10,7 +10,7 @@ import pytest
 import requests
 from ray import serve
 
-from deployments.app import build_app
+from deployments.app import build_app, model_deployment_name
 from rerank_core import EngineConfig, Reranker, probabilities
 from tests.service_helpers import app_args, close, post
 from tests.test_engine import DOCS, QUERY
@@ -203,6 +203,20 @@ def test_score_many_pairs_equal_one_query_at_a_time(service, engine):
     close(got, engine.score_pairs(list(zip(queries, documents))))
     one = post(f"{service}/score", {"text_1": [other], "text_2": [DOCS[1], LONG]}).json()["data"]
     close([x["score"] for x in one], [got[1], got[3]])
+
+
+def test_score_many_distinct_queries_share_forward_passes(service, engine):
+    handle = serve.get_deployment_handle(model_deployment_name("tiny"), app_name="shapes")
+    before = handle.stats.remote().result()
+    queries = [f"question {i} about rivers" for i in range(8)]
+    documents = [DOCS[i % len(DOCS)] for i in range(8)]
+    r = post(f"{service}/score", {"text_1": queries, "text_2": documents})
+    assert r.status_code == 200, r.text
+    after = handle.stats.remote().result()
+    chunks, batches = after["chunks"] - before["chunks"], after["batches"] - before["batches"]
+    assert chunks == 8 and batches < chunks, (chunks, batches)  # one chunk per query, batched together
+    assert after["forward_passes"] - before["forward_passes"] < 8
+    close([x["score"] for x in r.json()["data"]], [engine.score(q, [d])[0] for q, d in zip(queries, documents)])
 
 
 def test_score_instruction_and_prompt_truncation(service, engine):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rerank_core import rank_indices
 
@@ -65,14 +65,8 @@ class Scored:
     scores: list[float]
     spans: list[tuple[int, int]] | None
     tokens: int
-    id: str = ""
-    created: int = 0
-
-    def __post_init__(self):
-        if not self.id:
-            object.__setattr__(self, "id", uuid.uuid4().hex)
-        if not self.created:
-            object.__setattr__(self, "created", int(time.time()))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def order(self, top_k: int | None = None) -> list[int]:
         """Document indices, highest score first, ties by lower index."""

@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                 chunked_scores = value
             else:
                 separate_scores = value
-    best_separate = [max(s for s, d in zip(separate_scores, windowed.document_of) if d == i) for i in range(len(documents))]
+    best_separate = [
+        max(s for s, d in zip(separate_scores, windowed.document_of) if d == i) for i in range(len(documents))
+    ]
     median = {name: statistics.median(values) for name, values in times.items()}
     figures = {
         "checkpoint": str(checkpoint),

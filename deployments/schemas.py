@@ -23,7 +23,17 @@ CHUNKS_DESCRIPTION = (
 SPANS_DESCRIPTION = "Attach `span: {start, end}`, the characters of each document's best window."
 
 
-class _Request(BaseModel):
+class _QueryNotBlank(BaseModel):
+    """A body with a ``query`` that must hold more than white space."""
+
+    @model_validator(mode="after")
+    def _query_not_blank(self):
+        if not self.query.strip():
+            raise ValueError("query must not be blank")
+        return self
+
+
+class _Request(_QueryNotBlank):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     query: str = Field(min_length=1, description="The search query.")
@@ -34,12 +44,6 @@ class _Request(BaseModel):
         max_length=MAX_INSTRUCTION_CHARS,
         description="Task instruction for the prompt; default: the web search instruction.",
     )
-
-    @model_validator(mode="after")
-    def _query_not_blank(self):
-        if not self.query.strip():
-            raise ValueError("query must not be blank")
-        return self
 
 
 class RerankRequest(_Request):
@@ -199,7 +203,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TeiRerankRequest(BaseModel):
+class TeiRerankRequest(_QueryNotBlank):
     """``POST /rerank`` in Text Embeddings Inference's shape (a body with ``texts``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -214,12 +218,6 @@ class TeiRerankRequest(BaseModel):
     truncation_direction: Literal["Left", "Right"] = Field(
         "Right", description="Right cuts a long text's end (the model card); Left cuts its start."
     )
-
-    @model_validator(mode="after")
-    def _query_not_blank(self):
-        if not self.query.strip():
-            raise ValueError("query must not be blank")
-        return self
 
 
 class TeiRank(BaseModel):

@@ -57,7 +57,9 @@ def score_in_slices(reranker, query: str, documents: list[str], instruction: str
     try:
         for start in range(0, len(documents), SLICE):
             chunk = documents[start:start + SLICE]
-            result = reranker.score_documents(query, chunk, instruction, max_chunks_per_doc=max_chunks)
+            result = reranker.score_windowed(
+                reranker.encode_windows(query, chunk, instruction, max_chunks_per_doc=max_chunks)
+            )
             scores.extend(result.scores())
             num_tokens += result.tokens
             if progress is not None:

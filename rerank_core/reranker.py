@@ -189,25 +189,9 @@ class Reranker:
         """Scores for already-encoded queries, one list per query in input order."""
         return self.scorer.score(queries).scores
 
-    def score_documents(
-        self,
-        query: str,
-        documents: Sequence[str],
-        instruction: str | None = None,
-        *,
-        max_chunks_per_doc: int | None = None,
-        max_tokens_per_doc: int | None = None,
-        truncation_side: str = "right",
-        return_spans: bool = False,
-    ) -> DocumentScores:
-        """Everything known about each document's score: logits, best windows, spans, tokens.
-
-        Arguments as for :meth:`encode_windows`.
-        """
-        windowed = self.encode_windows(
-            query, documents, instruction, max_chunks_per_doc=max_chunks_per_doc,
-            max_tokens_per_doc=max_tokens_per_doc, truncation_side=truncation_side, return_spans=return_spans,
-        )
+    def score_windowed(self, windowed: WindowedQuery) -> DocumentScores:
+        """Everything known about each document's score (logits, best windows, spans, tokens)
+        for documents encoded by :meth:`encode_windows`."""
         return windowed.best(self.scorer.score([windowed.encoded]).logits[0])
 
     def score(
@@ -231,9 +215,9 @@ class Reranker:
         Raises:
             ValueError: see :meth:`encode_windows`.
         """
-        result = self.score_documents(
+        result = self.score_windowed(self.encode_windows(
             query, documents, instruction, max_chunks_per_doc=max_chunks_per_doc, max_tokens_per_doc=max_tokens_per_doc
-        )
+        ))
         return result.logits if raw_scores else result.scores()
 
     def score_pairs(
@@ -296,9 +280,9 @@ class Reranker:
         """
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        result = self.score_documents(
+        result = self.score_windowed(self.encode_windows(
             query, documents, instruction, max_chunks_per_doc=max_chunks_per_doc, return_spans=return_spans
-        )
+        ))
         return rank(result.scores(), list(documents) if return_documents else None, top_k, result.spans)
 
     def check_health(self) -> None:

@@ -53,7 +53,7 @@ def test_chunked_documents_score_their_best_window_with_spans(service, engine, p
     r = post(f"{service}{path}", body)
     assert r.status_code == 200, r.text
     results = {x["index"]: x for x in r.json()["results"]}
-    expected = engine.score_documents(QUERY, docs, max_chunks_per_doc=3, return_spans=True)
+    expected = engine.score_windowed(engine.encode_windows(QUERY, docs, max_chunks_per_doc=3, return_spans=True))
     assert expected.windows == [1, 3, 3]  # 7 windows over chunks of 2: spread over replica calls
     close([results[i]["relevance_score"] for i in range(3)], expected.scores())
     assert [(results[i]["span"]["start"], results[i]["span"]["end"]) for i in range(3)] == expected.spans
@@ -76,7 +76,8 @@ def test_cohere_v2_chunks_within_max_tokens_per_doc(service, engine):
     r = post(f"{service}/v2/rerank", body)
     assert r.status_code == 200, r.text
     got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
-    expected = engine.score_documents(QUERY, [LONG, SHORT], max_chunks_per_doc=4, max_tokens_per_doc=30)
+    windowed = engine.encode_windows(QUERY, [LONG, SHORT], max_chunks_per_doc=4, max_tokens_per_doc=30)
+    expected = engine.score_windowed(windowed)
     assert expected.windows == [4, 1]
     close([got[0], got[1]], expected.scores())
     assert r.json()["meta"]["tokens"]["input_tokens"] == expected.tokens

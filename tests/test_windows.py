@@ -121,7 +121,7 @@ def test_a_document_within_the_budget_has_one_window(windowed_engine):
 
 def test_best_window_raises_a_long_documents_score(windowed_engine):
     one = windowed_engine.score(QUERY, [LONG], max_chunks_per_doc=1, raw_scores=True)[0]
-    many = windowed_engine.score_documents(QUERY, [LONG], max_chunks_per_doc=6)
+    many = windowed_engine.score_windowed(windowed_engine.encode_windows(QUERY, [LONG], max_chunks_per_doc=6))
     assert many.windows == [6]
     assert many.logits[0] >= one
     assert many.tokens == windowed_engine.encode_windows(QUERY, [LONG], max_chunks_per_doc=6).encoded.num_tokens()
@@ -159,7 +159,7 @@ def test_spans_point_at_each_windows_text(windowed_engine):
     assert windowed.spans[0][0] == 0 and windowed.spans[1][0] > 0
     assert windowed.spans[3] == (0, len(SHORT))
     ranked = windowed_engine.rank(QUERY, [text, SHORT], return_spans=True)
-    best = windowed_engine.score_documents(QUERY, [text, SHORT], return_spans=True)
+    best = windowed_engine.score_windowed(windowed_engine.encode_windows(QUERY, [text, SHORT], return_spans=True))
     assert {r.index: r.span for r in ranked} == dict(enumerate(best.spans))
 
 
@@ -187,7 +187,9 @@ def test_overlap_not_below_the_budget_is_a_clear_error(tiny_checkpoint):
     assert len(engine.score(QUERY, DOCS)) == len(DOCS)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_chunks_per_doc": 0}, {"chunk_overlap_tokens": -1}, {"chunk_overlap_tokens": 8192}])
+@pytest.mark.parametrize(
+    "kwargs", [{"max_chunks_per_doc": 0}, {"chunk_overlap_tokens": -1}, {"chunk_overlap_tokens": 8192}]
+)
 def test_engine_config_bounds(kwargs):
     with pytest.raises(ValueError):
         EngineConfig(**kwargs)

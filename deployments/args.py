@@ -21,6 +21,7 @@ DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_RETRY_AFTER_S = 1
 DEFAULT_MAX_CONCURRENT_REQUESTS = 64
+DEFAULT_MAX_PAIRS = 4000
 
 
 class _Strict(BaseModel):
@@ -69,6 +70,13 @@ class ModelArgs(_Strict):
         description="Scores bit-identical whatever else shares a forward pass (needs packing; default: on for "
         "CPU, off on CUDA).",
     )
+    max_chunks_per_doc: int = Field(
+        1, ge=1, description="Default most windows per long document; its score is the best window's "
+        "(1: the document's start only, as the model card truncates).",
+    )
+    chunk_overlap_tokens: int = Field(
+        0, ge=0, description="Tokens shared by consecutive windows of a document (below the document budget)."
+    )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
     deployment: dict[str, Any] = Field(
         default_factory=dict,
@@ -87,6 +95,10 @@ class AppArgs(_Strict):
         DEFAULT_MAX_REQUEST_CHARS, gt=0, description="Most characters of query + documents (413)."
     )
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="Largest request body (413).")
+    max_pairs: int = Field(
+        DEFAULT_MAX_PAIRS, gt=0, description="Most (query, window) pairs per request, windows of long documents "
+        "counted (413).",
+    )
     chunk_pairs: int = Field(DEFAULT_CHUNK_PAIRS, gt=0, description="Most documents per chunk sent to a replica.")
     chunk_tokens: int = Field(DEFAULT_CHUNK_TOKENS, gt=0, description="Padded document tokens per chunk.")
     request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, description="Answer 504 after this.")
@@ -113,6 +125,8 @@ class AppArgs(_Strict):
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models {names}")
         for m in self.models:
+            if m.chunk_overlap_tokens >= m.max_length:
+                raise ValueError(f"model {m.name!r}: chunk_overlap_tokens must be below max_length")
             if m.batching.max_batch_size < self.chunk_pairs:
                 raise ValueError(
                     f"model {m.name!r}: batching.max_batch_size ({m.batching.max_batch_size}) must be "

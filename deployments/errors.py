@@ -93,9 +93,11 @@ ERROR_RESPONSES = {
     for status, description in {
         401: "API keys are configured and the bearer token is missing or wrong.",
         404: "The requested model is not configured.",
-        413: "Too many documents, characters, or body bytes.",
+        413: "Too many documents, characters, body bytes, or (query, window) pairs; or, with TEI's "
+        "`truncate: false`, a pair over max_length.",
         422: "Invalid body: empty query, no documents, wrong types, unknown fields, top_k < 1, "
-        "or a query too long to leave room for a document.",
+        "max_chunks_per_doc < 1, score lists of different lengths, a query too long to leave room "
+        "for a document, or a chunk overlap not below this request's document budget.",
         503: "Overloaded (back-pressure) or no replica available; see Retry-After.",
         504: "No answer within the request timeout.",
     }.items()

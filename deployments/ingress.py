@@ -1,7 +1,9 @@
-"""The HTTP ingress: validates, tokenizes, fans chunks out to model replicas, merges the ranking.
+"""The HTTP ingress: validates, tokenizes, fans chunks out to model replicas, merges the results.
 
-CPU work (validation, tokenization, merging) stays here so that model replicas only run forward
-passes. Only plain data (:class:`~rerank_core.prompt.EncodedQuery`) crosses to the replicas.
+CPU work (validation, tokenization, windowing, merging) stays here so that model replicas only
+run forward passes. Only plain data (:class:`~rerank_core.prompt.EncodedQuery`) crosses to the
+replicas, and only logits come back. Each API shape is an adapter (:mod:`deployments.adapters`)
+around one internal request (:class:`~deployments.adapters.Job`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import hmac
 import logging
 import os
 import time
-import uuid
-from dataclasses import dataclass
 
 import ray
 from fastapi import FastAPI, Request
@@ -22,9 +22,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
-from rerank_core import QueryTooLongError, load_encoder, rank_indices
+from rerank_core import WindowedQuery, group_by_query, load_encoder, probabilities
 
-from . import schemas
+from . import adapters, schemas
 from .args import AppArgs
 from .errors import (
     ERROR_RESPONSES,
@@ -107,17 +107,6 @@ def _api_keys(args: AppArgs) -> tuple[str, ...]:
     return tuple(keys)
 
 
-@dataclass
-class Ranking:
-    """Outcome of one rerank call, before it is shaped for a route."""
-
-    id: str
-    model: str
-    scores: list[float]
-    order: list[int]
-    tokens: int
-
-
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
 class RerankIngress:
@@ -126,6 +115,7 @@ class RerankIngress:
     def __init__(self, args: AppArgs, *model_handles):
         self.args = args
         self.handles = {m.name: h for m, h in zip(args.models, model_handles)}
+        self.models = {m.name: m for m in args.models}
         self.encoders = {
             m.name: load_encoder(m.source, m.max_length, hub=m.hub, cache_dir=m.cache_dir) for m in args.models
         }
@@ -136,64 +126,43 @@ class RerankIngress:
         self.in_flight = 0
         self.chunk_retries = 0
 
-    # Routes -------------------------------------------------------------------------------
+    # Routes: each turns its body into a Job with its adapter and shapes the result back ------
 
-    @app.post("/rerank", response_model=schemas.RerankResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, summary="Rerank documents")
-    async def rerank(self, body: schemas.RerankRequest) -> schemas.RerankResponse:
-        """Rank ``documents`` by relevance to ``query``; highest score first, ties by lower index."""
-        docs = body.documents
-        r = await self._rank(body.model, body.query, docs, body.instruction, body.top_k)
-        return schemas.RerankResponse(
-            id=r.id,
-            model=r.model,
-            results=[
-                schemas.RerankResult(index=i, relevance_score=r.scores[i],
-                                     document=docs[i] if body.return_documents else None)
-                for i in r.order
-            ],
-            usage=schemas.Usage(prompt_tokens=r.tokens, total_tokens=r.tokens),
-        )
+    @app.post("/rerank", response_model=schemas.RerankAnswer, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, summary="Rerank documents (this project's shape, or TEI's)")
+    async def rerank(self, body: schemas.RerankBody) -> schemas.RerankAnswer:
+        """Rank ``documents`` by relevance to ``query``; highest score first, ties by lower index.
+
+        A body with ``texts`` instead of ``documents`` is Text Embeddings Inference's request and
+        gets TEI's answer: a list ``[{index, score, text?}]``, best first.
+        """
+        if isinstance(body, schemas.TeiRerankRequest):
+            return adapters.tei_response(body, await self._score(adapters.tei_job(body)))
+        return adapters.rerank_response(body, await self._score(adapters.rerank_job(body)))
 
     @app.post("/v1/rerank", response_model=schemas.JinaRerankResponse, response_model_exclude_none=True,
               responses=ERROR_RESPONSES, summary="Rerank documents (Jina / vLLM shape)")
     async def rerank_v1(self, body: schemas.JinaRerankRequest) -> schemas.JinaRerankResponse:
         """Jina / vLLM compatible: ``top_n`` 0 or absent returns all; documents returned by default."""
-        docs = body.texts()
-        r = await self._rank(body.model, body.query, docs, body.instruction, body.top_n or None)
-        return schemas.JinaRerankResponse(
-            id=r.id,
-            model=r.model,
-            usage=schemas.Usage(prompt_tokens=r.tokens, total_tokens=r.tokens),
-            results=[
-                schemas.JinaResult(
-                    index=i,
-                    relevance_score=r.scores[i],
-                    document=schemas.TextDocument(text=docs[i]) if body.return_documents else None,
-                )
-                for i in r.order
-            ],
-        )
+        return adapters.jina_response(body, await self._score(adapters.jina_job(body)))
 
     @app.post("/v2/rerank", response_model=schemas.CohereRerankResponse, responses=ERROR_RESPONSES,
               summary="Rerank documents (Cohere v2 shape)")
     async def rerank_v2(self, body: schemas.CohereRerankRequest) -> schemas.CohereRerankResponse:
         """Cohere v2 compatible, for the official SDK (``cohere.ClientV2(base_url=...)``)."""
-        r = await self._rank(body.model, body.query, body.documents, None, body.top_n, body.max_tokens_per_doc)
-        warnings = [
-            f"{field} is accepted but has no effect on this server"
-            for field in ("priority", "relevant_spans")
-            if getattr(body, field) is not None
-        ]
-        return schemas.CohereRerankResponse(
-            id=r.id,
-            results=[schemas.CohereResult(index=i, relevance_score=r.scores[i]) for i in r.order],
-            meta=schemas.CohereMeta(
-                billed_units=schemas.CohereBilledUnits(search_units=1),
-                tokens=schemas.CohereTokens(input_tokens=r.tokens),
-                warnings=warnings,
-            ),
-        )
+        return adapters.cohere_response(body, await self._score(adapters.cohere_job(body)))
+
+    @app.post("/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
+              summary="Score (query, document) pairs (vLLM score shape)")
+    @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
+              summary="Score (query, document) pairs (vLLM score shape, older path)")
+    async def score(self, body: schemas.ScoreRequest) -> schemas.ScoreResponse:
+        """vLLM compatible: one query and N documents (1:N), or N (query, document) pairs (N:N).
+
+        Scores come in input order. Pairs are grouped by query, so each distinct query's shared
+        part runs once, and all groups are scored in the same forward passes.
+        """
+        return adapters.score_response(body, await self._score(adapters.score_job(body)))
 
     @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES, summary="Served models")
     async def models(self) -> schemas.ModelList:
@@ -220,36 +189,81 @@ class RerankIngress:
 
     # Work ---------------------------------------------------------------------------------
 
-    async def _rank(self, model, query, documents, instruction, top_k, max_document_tokens=None) -> Ranking:
-        name = self._model_name(model)
-        self._check_limits(query, documents)
+    async def _score(self, job: adapters.Job) -> adapters.Scored:
+        name = self._model_name(job.model)
+        self._check_limits(job)
         # Admission control per request, not per chunk: shedding some chunks of a request would
         # waste the work done on the others.
         if self.in_flight >= self.args.max_concurrent_requests:
             raise self._overloaded(f"{self.in_flight} requests in progress; retry later")
         self.in_flight += 1
         try:
-            return await self._rank_admitted(name, query, documents, instruction, top_k, max_document_tokens)
+            return await self._score_admitted(name, job)
         finally:
             self.in_flight -= 1
 
     def _overloaded(self, message: str) -> Overloaded:
         return Overloaded(message, {"Retry-After": str(self.args.retry_after_s)})
 
-    async def _rank_admitted(self, name, query, documents, instruction, top_k, max_document_tokens) -> Ranking:
-        encoder = self.encoders[name]
-        try:
-            # Tokenizing thousands of documents is CPU work: keep the event loop free meanwhile.
-            encoded = await asyncio.to_thread(encoder.encode, query, documents, instruction, max_document_tokens)
-        except QueryTooLongError as e:
-            raise InvalidRequest(str(e)) from e
-        chunks = encoded.split(self.args.chunk_tokens, self.args.chunk_pairs)
-        chunk_scores = await self._score_chunks(name, [chunk for _, chunk in chunks])
-        scores = [0.0] * len(documents)
-        for (indices, _), values in zip(chunks, chunk_scores):
+    async def _score_admitted(self, name: str, job: adapters.Job) -> adapters.Scored:
+        groups = group_by_query(job.queries)
+        # Tokenizing thousands of documents is CPU work: keep the event loop free meanwhile.
+        windowed = await asyncio.to_thread(self._encode, name, job, groups)
+        self._check_windows(job, groups, windowed)
+        # Every group's chunks go out at once: replicas batch them together (shared passes).
+        pieces = [(g, indices, chunk) for g, w in enumerate(windowed)
+                  for indices, chunk in w.encoded.split(self.args.chunk_tokens, self.args.chunk_pairs)]
+        chunk_logits = await self._score_chunks(name, [chunk for _, _, chunk in pieces])
+        row_logits = [[0.0] * w.num_windows for w in windowed]
+        for (g, indices, _), values in zip(pieces, chunk_logits):
             for i, value in zip(indices, values):
-                scores[i] = value
-        return Ranking(f"rerank-{uuid.uuid4().hex}", name, scores, rank_indices(scores, top_k), encoded.num_tokens())
+                row_logits[g][i] = value
+        logits = [0.0] * len(job.documents)
+        spans = [(0, 0)] * len(job.documents) if job.return_spans else None
+        for group, w, rows in zip(groups, windowed, row_logits):
+            # A document's windows may have run in different chunks and replicas: the best wins.
+            best = w.best(rows)
+            for j, i in enumerate(group):
+                logits[i] = best.logits[j]
+                if spans is not None:
+                    spans[i] = best.spans[j]
+        tokens = sum(w.encoded.num_tokens() for w in windowed)
+        return adapters.Scored(name, logits, probabilities(logits), spans, tokens)
+
+    def _encode(self, name: str, job: adapters.Job, groups: list[list[int]]) -> list[WindowedQuery]:
+        model = self.models[name]
+        try:
+            return [
+                self.encoders[name].encode_windows(
+                    job.queries[group[0]], [job.documents[i] for i in group], job.instruction,
+                    max_document_tokens=job.max_tokens_per_doc,
+                    max_windows=job.max_chunks_per_doc or model.max_chunks_per_doc,
+                    overlap=model.chunk_overlap_tokens,
+                    truncation_side=job.truncation_side,
+                    max_pair_tokens=job.max_pair_tokens,
+                    spans=job.return_spans,
+                )
+                for group in groups
+            ]
+        except ValueError as e:  # a query too long for any document, or an overlap too wide for it
+            raise InvalidRequest(str(e)) from e
+
+    def _check_windows(self, job: adapters.Job, groups, windowed: list[WindowedQuery]) -> None:
+        """Limits known only once documents are tokenized; nothing has been scored yet."""
+        windows = sum(w.num_windows for w in windowed)
+        if windows > self.args.max_pairs:
+            raise PayloadTooLarge(
+                f"{len(job.documents)} documents make {windows} (query, window) pairs; the limit is "
+                f"max_pairs={self.args.max_pairs}"
+            )
+        if not job.truncate:
+            cut = sorted(group[w.document_of[row]] for group, w in zip(groups, windowed)
+                         for row, truncated in enumerate(w.encoded.truncated) if truncated)
+            if cut:
+                raise PayloadTooLarge(
+                    f"documents {sorted(set(cut))[:10]} do not fit the model's max_length with the query "
+                    f"and prompt template, and truncate is false"
+                )
 
     def _model_name(self, model: str | None) -> str:
         if model is None:
@@ -258,14 +272,15 @@ class RerankIngress:
             raise ModelNotFound(f"model {model!r} is not served here; see GET /v1/models")
         return self.names[model]
 
-    def _check_limits(self, query: str, documents: list[str]) -> None:
-        if len(documents) > self.args.max_documents:
-            raise PayloadTooLarge(f"{len(documents)} documents; the limit is {self.args.max_documents}")
-        chars = len(query) + sum(len(d) for d in documents)
+    def _check_limits(self, job: adapters.Job) -> None:
+        if len(job.documents) > self.args.max_documents:
+            raise PayloadTooLarge(f"{len(job.documents)} documents; the limit is {self.args.max_documents}")
+        chars = sum(len(q) for q in set(job.queries)) + sum(len(d) for d in job.documents)
         if chars > self.args.max_request_chars:
             raise PayloadTooLarge(f"{chars} characters of query and documents; the limit is {self.args.max_request_chars}")
 
     async def _score_chunks(self, name: str, chunks) -> list[list[float]]:
+        """Logits of every chunk's rows, in order."""
         handle = self.handles[name]
         calls = [asyncio.ensure_future(self._score_chunk(handle, chunk)) for chunk in chunks]
         try:

@@ -60,6 +60,8 @@ class ModelReplica:
             max_padding=model.max_padding,
             packing=model.packing,
             batch_invariant=model.batch_invariant,
+            max_chunks_per_doc=model.max_chunks_per_doc,
+            chunk_overlap_tokens=model.chunk_overlap_tokens,
         )
         self.engine = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir, config=config)
         self.metrics = ReplicaMetrics(model.name)
@@ -79,12 +81,16 @@ class ModelReplica:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=count_pairs)
     async def score(self, chunks: list[EncodedQuery]) -> list[list[float]]:
-        """Scores for each chunk, in order. Call positionally with one chunk."""
+        """``logit_yes - logit_no`` of each chunk's rows, in order. Call positionally with one chunk.
+
+        Logits, not probabilities: the ingress keeps a long document's best window and answers
+        raw scores where asked; it applies the sigmoid itself.
+        """
         # The forward pass runs in a worker thread: on the event loop it would stall every other
         # call to this replica, health checks included.
         result = await asyncio.to_thread(self.engine.scorer.score, chunks)
         self._record(len(chunks), result.stats)
-        return result.scores
+        return result.logits
 
     def _record(self, num_chunks: int, stats) -> None:
         s = self.stats_

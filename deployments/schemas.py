@@ -1,23 +1,39 @@
-"""HTTP request and response bodies of the three rerank routes.
+"""HTTP request and response bodies of the rerank and score routes.
 
-* ``POST /rerank``: this project's own shape.
+* ``POST /rerank``: this project's own shape, or TEI's (a body with ``texts``).
 * ``POST /v1/rerank``: the Jina / vLLM shape (documents as strings or ``{text}``, documents
   returned by default).
 * ``POST /v2/rerank``: the Cohere v2 shape, as the official ``cohere`` SDK sends it.
+* ``POST /score``, ``POST /v1/score``: vLLM's score API ((query, document) pairs, 1:N or N:N).
 
 Unknown fields are rejected (422) so that a misspelled option never silently does nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
 
 MAX_INSTRUCTION_CHARS = 4096
+CHUNKS_DESCRIPTION = (
+    "Score a long document as up to this many windows of the document budget and keep the best "
+    "(default: the model's `max_chunks_per_doc`, 1: the document's start, as the model card truncates)."
+)
+SPANS_DESCRIPTION = "Attach `span: {start, end}`, the characters of each document's best window."
 
 
-class _Request(BaseModel):
+class _QueryNotBlank(BaseModel):
+    """A body with a ``query`` that must hold more than white space."""
+
+    @model_validator(mode="after")
+    def _query_not_blank(self):
+        if not self.query.strip():
+            raise ValueError("query must not be blank")
+        return self
+
+
+class _Request(_QueryNotBlank):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     query: str = Field(min_length=1, description="The search query.")
@@ -29,12 +45,6 @@ class _Request(BaseModel):
         description="Task instruction for the prompt; default: the web search instruction.",
     )
 
-    @model_validator(mode="after")
-    def _query_not_blank(self):
-        if not self.query.strip():
-            raise ValueError("query must not be blank")
-        return self
-
 
 class RerankRequest(_Request):
     """``POST /rerank``."""
@@ -44,6 +54,8 @@ class RerankRequest(_Request):
         None, ge=1, alias="top_n", description="Return this many results (alias `top_n`; default all)."
     )
     return_documents: bool = Field(False, description="Attach each document's text to its result.")
+    max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
+    return_spans: StrictBool = Field(False, description=SPANS_DESCRIPTION)
 
     @model_validator(mode="before")
     @classmethod
@@ -69,6 +81,8 @@ class JinaRerankRequest(_Request):
         None, ge=0, description="Return this many results; absent or 0 means all (as in vLLM)."
     )
     return_documents: bool = Field(True, description="Attach `document: {text}` to each result.")
+    max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
+    return_spans: StrictBool = Field(False, description=SPANS_DESCRIPTION)
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -86,6 +100,7 @@ class CohereRerankRequest(BaseModel):
     max_tokens_per_doc: int | None = Field(
         None, ge=1, description="Cut each document to this many tokens (and to max_length)."
     )
+    max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
     priority: int | None = Field(None, description="Accepted for SDK compatibility; has no effect.")
     relevant_spans: dict[str, Any] | None = Field(
         None, description="Accepted for SDK compatibility; spans are not produced (a warning says so)."
@@ -97,10 +112,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class Span(BaseModel):
+    """Characters ``[start, end)`` of a document's best window."""
+
+    start: int
+    end: int
+
+
 class RerankResult(BaseModel):
     index: int
     relevance_score: float
     document: str | None = None
+    span: Span | None = None
 
 
 class RerankResponse(BaseModel):
@@ -114,6 +137,7 @@ class JinaResult(BaseModel):
     index: int
     relevance_score: float
     document: TextDocument | None = None
+    span: Span | None = None
 
 
 class JinaRerankResponse(BaseModel):
@@ -177,3 +201,110 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class TeiRerankRequest(_QueryNotBlank):
+    """``POST /rerank`` in Text Embeddings Inference's shape (a body with ``texts``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: str = Field(min_length=1, description="The search query.")
+    texts: list[str] = Field(min_length=1, description="Texts to rank; an empty string is valid.")
+    raw_scores: bool = Field(False, description="Scores as `logit_yes - logit_no` instead of probabilities.")
+    return_text: bool = Field(False, description="Attach each text to its result.")
+    truncate: bool | None = Field(
+        None, description="false: a pair over max_length is an error (413); absent, null or true: truncate."
+    )
+    truncation_direction: Literal["Left", "Right"] = Field(
+        "Right", description="Right cuts a long text's end (the model card); Left cuts its start."
+    )
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+def _rerank_shape(body: Any) -> str:
+    # TEI's body names its documents `texts`; everything else is this project's shape (whose
+    # errors then name what is missing).
+    if isinstance(body, dict):
+        return "tei" if "texts" in body else "rerank"
+    return "tei" if isinstance(body, TeiRerankRequest) else "rerank"
+
+
+RerankBody = Annotated[
+    Union[Annotated[RerankRequest, Tag("rerank")], Annotated[TeiRerankRequest, Tag("tei")]],
+    Discriminator(_rerank_shape),
+]
+RerankAnswer = Union[RerankResponse, list[TeiRank]]
+
+
+class ScoreRequest(BaseModel):
+    """``POST /score`` and ``/v1/score`` (vLLM): one query and N documents, or N (query, document) pairs.
+
+    Each side is a string or a list of strings, named ``text_1``/``text_2`` or ``queries``/``documents``.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="Configured model name (default model if omitted).")
+    text_1: str | list[str] | None = Field(None, description="The query, or one query per pair.")
+    text_2: str | list[str] | None = Field(None, description="The documents, one per pair.")
+    queries: str | list[str] | None = Field(None, description="Same as `text_1`.")
+    documents: str | list[str] | None = Field(None, description="Same as `text_2`.")
+    instruction: str | None = Field(
+        None, min_length=1, max_length=MAX_INSTRUCTION_CHARS,
+        description="Task instruction for the prompt; default: the web search instruction.",
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Most tokens per (query, document) prompt; the document's end is cut, "
+        "the template survives. -1 or absent: the model's max_length.",
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        vllm_names = (self.text_1, self.text_2)
+        other_names = (self.queries, self.documents)
+        if not (None not in vllm_names and other_names == (None, None)
+                or None not in other_names and vllm_names == (None, None)):
+            raise ValueError("give text_1 and text_2, or queries and documents")
+        if self.truncate_prompt_tokens == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 or at least 1")
+        queries, documents = self._sides()
+        if not queries or not documents:
+            raise ValueError("the query and document lists must not be empty")
+        if len(queries) != 1 and len(queries) != len(documents):
+            raise ValueError(
+                f"{len(queries)} queries and {len(documents)} documents: give one query, or one query per document"
+            )
+        for query in queries:
+            if not query.strip():
+                raise ValueError("queries must not be blank")
+        return self
+
+    def _sides(self) -> tuple[list[str], list[str]]:
+        first = self.text_1 if self.text_1 is not None else self.queries
+        second = self.text_2 if self.text_2 is not None else self.documents
+        return ([first] if isinstance(first, str) else first), ([second] if isinstance(second, str) else second)
+
+    def pairs(self) -> tuple[list[str], list[str]]:
+        """``(queries, documents)`` of equal length: one query is paired with every document."""
+        queries, documents = self._sides()
+        return (queries * len(documents) if len(queries) == 1 else queries), documents
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: Usage

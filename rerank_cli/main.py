@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="task instruction of the prompt (default: the model card's web search instruction)")
     run.add_argument("--max-length", type=positive_int, metavar="TOKENS",
                      help="longest query+document prompt in tokens; longer documents are cut (default: 8192)")
+    run.add_argument("--max-chunks", type=positive_int, metavar="N",
+                     help="score a long document as up to N windows of the token budget and keep the best "
+                          "(default: 1, the document's start as the model card truncates)")
     run.add_argument("--device", metavar="DEVICE", help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
     run.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA and on CPUs with native bf16, "
                      "else float32; float32 is the exact mode)")

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     reranker = Reranker.load(path, device=args.device, dtype=args.dtype, max_length=args.max_length)
     show_progress = len(inputs.documents) > PROGRESS_ABOVE and not args.no_progress
     scores, num_tokens = score_in_slices(
-        reranker, inputs.query, inputs.documents, args.instruction, show_progress
+        reranker, inputs.query, inputs.documents, args.instruction, show_progress, args.max_chunks
     )
     results = rank(scores, inputs.documents, args.top_k)
     body = response_body(args.model, results, num_tokens)
@@ -46,17 +46,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def score_in_slices(reranker, query: str, documents: list[str], instruction: str | None,
-                    show_progress: bool = False) -> tuple[list[float], int]:
-    """Scores of ``documents`` in input order and the pair tokens counted, ``SLICE`` at a time."""
+                    show_progress: bool = False, max_chunks: int | None = None) -> tuple[list[float], int]:
+    """Scores of ``documents`` in input order and the tokens scored, ``SLICE`` documents at a time.
+
+    ``max_chunks``: windows per long document (``None``: one, the model card's truncation).
+    """
     scores: list[float] = []
     num_tokens = 0
     progress = Progress(len(documents)) if show_progress else None
     try:
         for start in range(0, len(documents), SLICE):
             chunk = documents[start:start + SLICE]
-            encoded = reranker.encode(query, chunk, instruction)
-            scores.extend(reranker.score_encoded([encoded])[0])
-            num_tokens += encoded.num_tokens()
+            result = reranker.score_windowed(
+                reranker.encode_windows(query, chunk, instruction, max_chunks_per_doc=max_chunks)
+            )
+            scores.extend(result.scores())
+            num_tokens += result.tokens
             if progress is not None:
                 progress.update(len(chunk))
     finally:

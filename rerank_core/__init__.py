@@ -26,6 +26,11 @@ _EXPORTS = {
     "Reranker": "reranker",
     "load_encoder": "reranker",
     "validate_request": "reranker",
+    "DocumentScores": "windows",
+    "WindowedQuery": "windows",
+    "window_bounds": "windows",
+    "group_by_query": "pairs",
+    "probabilities": "head",
 }
 __all__ = sorted(_EXPORTS)
 

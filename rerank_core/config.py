@@ -74,6 +74,9 @@ class EngineConfig:
             ``None``: ``"varlen"`` on CUDA in float16/bfloat16, ``"segments"`` otherwise. The
             varlen path is checked against padded passes at start-up and replaced by them if
             they disagree (:func:`rerank_core.varlen.self_check`).
+        max_chunks_per_doc: default most windows per document (:mod:`rerank_core.windows`);
+            1 scores the tail-truncated document, as the model card does.
+        chunk_overlap_tokens: tokens shared by consecutive windows of a document.
     """
 
     device: str = "auto"
@@ -87,11 +90,13 @@ class EngineConfig:
     batch_invariant: bool | None = None
     tile_rows: int = DEFAULT_TILE_ROWS
     packed_attention: str | None = None
+    max_chunks_per_doc: int = 1
+    chunk_overlap_tokens: int = 0
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_length", "max_batch_tokens", "max_batch_pairs", "tile_rows"):
+        for name in ("max_length", "max_batch_tokens", "max_batch_pairs", "tile_rows", "max_chunks_per_doc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_padding is not None and not 0.0 <= self.max_padding <= 1.0:
@@ -102,6 +107,8 @@ class EngineConfig:
             raise ValueError(
                 f"packed_attention must be None or one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}"
             )
+        if not 0 <= self.chunk_overlap_tokens < self.max_length:
+            raise ValueError(f"chunk_overlap_tokens must be in [0, max_length), got {self.chunk_overlap_tokens}")
 
     def torch_device(self) -> torch.device:
         """The device to run on, with ``"auto"`` resolved."""

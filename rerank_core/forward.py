@@ -1,4 +1,4 @@
-"""The forward pass: token ids in, yes-probabilities out.
+"""The forward pass: token ids in, yes-minus-no logits out.
 
 :class:`PairScorer` takes already-tokenized :class:`~rerank_core.prompt.EncodedQuery` objects, so
 that tokenization can run in another process than the model. Three things make it fast without
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import plan_batches, plan_packed
-from .head import YesNoHead
+from .head import YesNoHead, probabilities
 from .invariant import DEFAULT_TILE_ROWS, tile_linear_layers
 from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
@@ -81,10 +81,15 @@ class ForwardStats:
 
 @dataclass(frozen=True)
 class BatchScores:
-    """Result of :meth:`PairScorer.score`: per query, per document, the yes-probability."""
+    """Result of :meth:`PairScorer.score`: per query, per document, ``logit_yes - logit_no``."""
 
-    scores: list[list[float]]
+    logits: list[list[float]]
     stats: ForwardStats
+
+    @property
+    def scores(self) -> list[list[float]]:
+        """Per query, per document, the yes-probability."""
+        return [probabilities(row) for row in self.logits]
 
 
 class PairScorer:
@@ -155,7 +160,7 @@ class PairScorer:
 
     @torch.inference_mode()
     def score(self, queries: Sequence[EncodedQuery]) -> BatchScores:
-        """Yes-probabilities for every document of every query, in input order.
+        """``logit_yes - logit_no`` for every document of every query, in input order.
 
         Each document's score depends only on its own query and text, never on what else shares
         its batch.

@@ -1,4 +1,4 @@
-"""The yes/no scoring head of Qwen3-Reranker.
+"""The yes/no scoring head of Qwen3-Reranker, and the one place a logit becomes a probability.
 
 The model's relevance score is ``softmax([logit_no, logit_yes])[1]`` at the last real token,
 which equals ``sigmoid(logit_yes - logit_no)``. Both logits are rows of the LM head applied to the
@@ -7,6 +7,8 @@ dot product per pair instead of a 151,669-wide vocabulary projection.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -56,5 +58,14 @@ class YesNoHead(torch.nn.Module):
         return (hidden.float() * self.weight).sum(dim=-1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Yes-probabilities in [0, 1], shape ``(n,)``."""
-        return torch.sigmoid(self.logits(hidden))
+        """``logit_yes - logit_no``, shape ``(n,)`` (see :func:`probabilities`)."""
+        return self.logits(hidden)
+
+
+def probabilities(logits: Sequence[float]) -> list[float]:
+    """Yes-probabilities in [0, 1] for head logits: ``sigmoid(logit_yes - logit_no)``.
+
+    Computed in float32 from the float32 logits, so the values are those the head produced
+    before logits were kept (a float32 logit survives a Python float exactly).
+    """
+    return torch.sigmoid(torch.tensor(list(logits), dtype=torch.float32)).tolist()

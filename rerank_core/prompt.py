@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .batching import plan_batches
+from .windows import WindowedQuery, char_span, window_bounds
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
@@ -54,8 +55,10 @@ class EncodedQuery:
 
     Attributes:
         shared: prefix + instruction + query + ``"<Document>:"``, common to every document.
-        documents: per document, ``" {document}"`` (tail-truncated) followed by the suffix.
-        truncated: per document, whether its text was cut to fit ``max_length``.
+        documents: per document, ``" {document}"`` (tail-truncated) followed by the suffix; or,
+            for a query encoded as windows (:mod:`rerank_core.windows`), one such row per window.
+        truncated: per row, whether its document lost tokens (past ``max_length``, or past its
+            last window).
     """
 
     shared: list[int]
@@ -133,24 +136,73 @@ class PromptEncoder:
         Raises:
             QueryTooLongError: the query and instruction leave no room for a document token.
         """
+        return self.encode_windows(query, documents, instruction, max_document_tokens=max_document_tokens).encoded
+
+    def encode_windows(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None = None,
+        *,
+        max_document_tokens: int | None = None,
+        max_windows: int = 1,
+        overlap: int = 0,
+        truncation_side: str = "right",
+        max_pair_tokens: int | None = None,
+        spans: bool = False,
+    ) -> WindowedQuery:
+        """Tokenize one query with its documents cut into windows (see :mod:`rerank_core.windows`).
+
+        With the defaults, one window per document: exactly :meth:`encode`.
+
+        Args:
+            query, documents, instruction, max_document_tokens: as for :meth:`encode`.
+            max_windows: most windows per document (>= 1).
+            overlap: tokens shared by consecutive windows (below the document budget ``W``).
+            truncation_side: ``"right"`` cuts a document's end (the model card), ``"left"`` its start.
+            max_pair_tokens: also cap each full pair at this many tokens (below ``max_length``).
+            spans: also compute each window's character span in its document.
+
+        Raises:
+            QueryTooLongError: the query and instruction leave no room for a document token.
+            ValueError: ``overlap`` is not below ``W`` while several windows may be taken, or
+                another bound is out of range.
+        """
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         shared_body = self._ids(_shared_body_text(query, instruction))
-        # The official procedure truncates the body (shared part + document) at its tail.
-        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids) - len(shared_body)
-        if budget < 1:
-            raise QueryTooLongError(
-                f"the query and instruction take {len(shared_body)} tokens; with the prompt "
-                f"template that leaves no room for a document within max_length={self.max_length}"
-            )
-        if max_document_tokens is not None:
-            budget = min(budget, max_document_tokens)
+        width = self._document_budget(len(shared_body), max_document_tokens, max_pair_tokens)
         # verbose=False: documents longer than the tokenizer's model_max_length are expected here;
         # they are cut below, so its warning would only be noise.
         encoded = self.tokenizer(
-            [" " + doc for doc in documents], add_special_tokens=False, verbose=False
-        )["input_ids"]
-        return EncodedQuery(
-            shared=self.prefix_ids + shared_body,
-            documents=[ids[:budget] + self.suffix_ids for ids in encoded],
-            truncated=[len(ids) > budget for ids in encoded],
+            [" " + doc for doc in documents], add_special_tokens=False, verbose=False,
+            return_offsets_mapping=spans,
         )
+        rows, truncated, document_of, row_spans = [], [], [], []
+        for d, ids in enumerate(encoded["input_ids"]):
+            bounds = window_bounds(len(ids), width, overlap, max_windows, truncation_side)
+            # Consecutive windows touch or overlap, so together they cover one contiguous range.
+            dropped = max(end for _, end in bounds) - min(start for start, _ in bounds) < len(ids)
+            for start, end in bounds:
+                rows.append(ids[start:end] + self.suffix_ids)
+                truncated.append(dropped)
+                document_of.append(d)
+                if spans:
+                    row_spans.append(char_span(encoded["offset_mapping"][d], start, end, len(documents[d])))
+        return WindowedQuery(
+            EncodedQuery(self.prefix_ids + shared_body, rows, truncated),
+            document_of,
+            row_spans if spans else None,
+            len(documents),
+        )
+
+    def _document_budget(self, shared_body: int, max_document_tokens: int | None, max_pair_tokens: int | None) -> int:
+        """``W``: tokens left for a document part (the official procedure truncates the body)."""
+        max_length = self.max_length if max_pair_tokens is None else min(self.max_length, max_pair_tokens)
+        budget = max_length - len(self.prefix_ids) - len(self.suffix_ids) - shared_body
+        if budget < 1:
+            raise QueryTooLongError(
+                f"the query and instruction take {shared_body} tokens; with the prompt "
+                f"template that leaves no room for a document within max_length={max_length}"
+            )
+        return budget if max_document_tokens is None else min(budget, max_document_tokens)
+

@@ -14,11 +14,13 @@ class RankResult:
         index: position of the document in the caller's list.
         relevance_score: probability of "yes", in [0, 1].
         document: the document text when asked for, else ``None``.
+        span: character ``(start, end)`` of the document's best window, when asked for.
     """
 
     index: int
     relevance_score: float
     document: str | None = None
+    span: tuple[int, int] | None = None
 
 
 def rank_indices(scores: Sequence[float], top_k: int | None = None) -> list[int]:
@@ -37,9 +39,10 @@ def rank(
     scores: Sequence[float],
     documents: Sequence[str] | None = None,
     top_k: int | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> list[RankResult]:
-    """Ranked results for ``scores``; attaches ``documents[i]`` when ``documents`` is given."""
+    """Ranked results for ``scores``; attaches ``documents[i]`` / ``spans[i]`` when given."""
     return [
-        RankResult(i, scores[i], None if documents is None else documents[i])
+        RankResult(i, scores[i], None if documents is None else documents[i], None if spans is None else spans[i])
         for i in rank_indices(scores, top_k)
     ]

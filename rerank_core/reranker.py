@@ -10,10 +10,12 @@ from dataclasses import replace
 from .config import EngineConfig
 from .forward import PairScorer
 from .head import YesNoHead, answer_token_ids
+from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
 from .ranking import RankResult, rank
 from .registry import TOKENIZER_FILES, ModelSourceError, resolve_source
 from .varlen import VarlenAttention, checked_scorer
+from .windows import DocumentScores, WindowedQuery
 
 _PROBE = ("What is the capital of France?", "Paris is the capital and largest city of France.")
 
@@ -160,17 +162,113 @@ class Reranker:
         validate_request(query, documents, instruction)
         return self.encoder.encode(query, documents, instruction)
 
+    def encode_windows(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None = None,
+        *,
+        max_chunks_per_doc: int | None = None,
+        max_tokens_per_doc: int | None = None,
+        truncation_side: str = "right",
+        return_spans: bool = False,
+    ) -> WindowedQuery:
+        """Validate and tokenize one query with its documents as windows (:mod:`rerank_core.windows`).
+
+        Args:
+            max_chunks_per_doc: most windows per document (default: the config's; 1 is the
+                model card's tail truncation).
+            max_tokens_per_doc: cut each window to this many tokens (and to ``max_length``).
+            truncation_side: ``"right"`` drops a document's end (the model card), ``"left"`` its start.
+            return_spans: compute each window's character span in its document.
+
+        Raises:
+            ValueError: see :meth:`encode`; or a bound below 1, or the config's overlap not below
+                this request's document budget.
+        """
+        validate_request(query, documents, instruction)
+        for name, value in (("max_chunks_per_doc", max_chunks_per_doc), ("max_tokens_per_doc", max_tokens_per_doc)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        return self.encoder.encode_windows(
+            query, documents, instruction,
+            max_document_tokens=max_tokens_per_doc,
+            max_windows=max_chunks_per_doc or self.config.max_chunks_per_doc,
+            overlap=self.config.chunk_overlap_tokens,
+            truncation_side=truncation_side,
+            spans=return_spans,
+        )
+
     def score_encoded(self, queries: Sequence[EncodedQuery]) -> list[list[float]]:
         """Scores for already-encoded queries, one list per query in input order."""
         return self.scorer.score(queries).scores
 
-    def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
+    def score_windowed(self, windowed: WindowedQuery) -> DocumentScores:
+        """Everything known about each document's score (logits, best windows, spans, tokens)
+        for documents encoded by :meth:`encode_windows`."""
+        return windowed.best(self.scorer.score([windowed.encoded]).logits[0])
+
+    def score(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None = None,
+        *,
+        max_chunks_per_doc: int | None = None,
+        max_tokens_per_doc: int | None = None,
+        raw_scores: bool = False,
+    ) -> list[float]:
         """Relevance of each document to ``query``, in input order, each in [0, 1].
 
+        A document's score is its best window's (:mod:`rerank_core.windows`); with one window
+        (the default config) that is the model card's score of the tail-truncated document.
+
+        Args:
+            raw_scores: return ``logit_yes - logit_no`` instead of the probability.
+
         Raises:
-            ValueError: see :meth:`encode`.
+            ValueError: see :meth:`encode_windows`.
         """
-        return self.score_encoded([self.encode(query, documents, instruction)])[0]
+        result = self.score_windowed(self.encode_windows(
+            query, documents, instruction, max_chunks_per_doc=max_chunks_per_doc, max_tokens_per_doc=max_tokens_per_doc
+        ))
+        return result.logits if raw_scores else result.scores()
+
+    def score_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        instruction: str | None = None,
+        *,
+        max_chunks_per_doc: int | None = None,
+        raw_scores: bool = False,
+    ) -> list[float]:
+        """Scores of many ``(query, document)`` pairs, in input order.
+
+        Pairs are grouped by query, so each distinct query's shared part runs once, and every
+        group is scored in the same forward passes. Each score equals :meth:`score` of the pair.
+
+        Raises:
+            ValueError: no pairs, an item that is not a ``(query, document)`` pair of strings,
+                or see :meth:`encode_windows`.
+        """
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
+            raise ValueError("pairs must be a non-empty list of (query, document) pairs")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"pairs[{i}] must be a (query, document) pair")
+        groups = group_by_query([query for query, _ in pairs])
+        windowed = [
+            self.encode_windows(pairs[g[0]][0], [pairs[i][1] for i in g], instruction,
+                                max_chunks_per_doc=max_chunks_per_doc)
+            for g in groups
+        ]
+        logits = self.scorer.score([w.encoded for w in windowed]).logits
+        out = [0.0] * len(pairs)
+        for group, w, row_logits in zip(groups, windowed, logits):
+            best = w.best(row_logits)
+            for i, value in zip(group, best.logits if raw_scores else best.scores()):
+                out[i] = value
+        return out
 
     def rank(
         self,
@@ -179,20 +277,27 @@ class Reranker:
         top_k: int | None = None,
         instruction: str | None = None,
         return_documents: bool = False,
+        *,
+        max_chunks_per_doc: int | None = None,
+        return_spans: bool = False,
     ) -> list[RankResult]:
         """Documents ranked by relevance: highest score first, ties by lower index.
 
         Args:
             top_k: keep this many results (``None``: all).
             return_documents: attach each document's text to its result.
+            max_chunks_per_doc: see :meth:`encode_windows`.
+            return_spans: attach the character span of each document's best window.
 
         Raises:
-            ValueError: see :meth:`encode`, or ``top_k < 1``.
+            ValueError: see :meth:`encode_windows`, or ``top_k < 1``.
         """
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        scores = self.score(query, documents, instruction)
-        return rank(scores, list(documents) if return_documents else None, top_k)
+        result = self.score_windowed(self.encode_windows(
+            query, documents, instruction, max_chunks_per_doc=max_chunks_per_doc, return_spans=return_spans
+        ))
+        return rank(result.scores(), list(documents) if return_documents else None, top_k, result.spans)
 
     def check_health(self) -> None:
         """Re-score a fixed pair and compare with the score taken at load time.

@@ -49,3 +49,32 @@ def official_scores(model, tokenizer, query, documents, instruction=None, max_le
     batch_scores = torch.stack([false_vector, true_vector], dim=1)
     batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
     return batch_scores[:, 1].exp().tolist()
+
+
+@torch.inference_mode()
+def official_scores_of_bodies(model, tokenizer, bodies):
+    """The model card's procedure from already-tokenized bodies (instruction, query, document ids).
+
+    The same steps as :func:`official_scores` after its truncation: prefix + body + suffix,
+    left padding, full-vocabulary logits, log-softmax over [no, yes]. Used to score one window
+    of a long document (a body whose document part is exactly that window's ids).
+    """
+    tokenizer.padding_side = "left"
+    prefix_tokens = tokenizer.encode(PREFIX, add_special_tokens=False)
+    suffix_tokens = tokenizer.encode(SUFFIX, add_special_tokens=False)
+    inputs = {"input_ids": [prefix_tokens + list(body) + suffix_tokens for body in bodies]}
+    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    token_false_id = tokenizer.convert_tokens_to_ids("no")
+    token_true_id = tokenizer.convert_tokens_to_ids("yes")
+    batch_scores = model(**inputs).logits[:, -1, :]
+    batch_scores = torch.stack([batch_scores[:, token_false_id], batch_scores[:, token_true_id]], dim=1)
+    return torch.nn.functional.log_softmax(batch_scores, dim=1)[:, 1].exp().tolist()
+
+
+def window_body(tokenizer, query, document, start, end, instruction=None):
+    """Body ids of the pair whose document part is tokens ``[start, end)`` of ``" " + document``."""
+    shared = format_instruction(instruction, query, "")[:-1]  # "...<Document>:" without the space
+    return tokenizer.encode(shared, add_special_tokens=False) + tokenizer.encode(
+        " " + document, add_special_tokens=False
+    )[start:end]

@@ -86,7 +86,7 @@ def test_help_describes_every_command_and_option():
     expected = {
         (): ["run", "list", "download", "serve", "exit status"],
         ("run",): ["--model", "--input", "query:", "file://", ".txt", ".jsonl", "--top-k", "--instruction",
-                   "--max-length", "--device", "--dtype", "--hub", "--cache-dir", "--json", "--output",
+                   "--max-length", "--max-chunks", "--device", "--dtype", "--hub", "--cache-dir", "--json", "--output",
                    "--no-progress", "qwen3-reranker-0.6b"],
         ("list",): ["--cache-dir", "--json"],
         ("download",): ["MODEL", "--hub", "--cache-dir"],
@@ -228,6 +228,23 @@ def test_top_k_and_instruction_match_the_engine(files_run, reranker):
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
+def test_max_chunks_scores_long_documents_by_their_best_window(tiny_checkpoint):
+    from rerank_core import Reranker
+    from tests.test_windows import LONG, SHORT
+
+    result = cli("run", "--model", tiny_checkpoint, "--json", "--max-length", 160, "--max-chunks", 3,
+                 "-i", "query: Which river runs through town 91?", "-i", LONG, "-i", SHORT)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", max_length=160)
+    query = "Which river runs through town 91?"
+    expected = engine.score_windowed(engine.encode_windows(query, [LONG, SHORT], max_chunks_per_doc=3))
+    assert expected.windows == [3, 1]
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    close([got[0], got[1]], expected.scores())
+    assert body["usage"]["prompt_tokens"] == expected.tokens
+
+
 def test_many_documents_show_a_progress_bar_on_stderr(files_run):
     result, _, _ = files_run
     assert "67/67" in result.stderr
@@ -269,6 +286,7 @@ BAD_RUNS = {
     "conflicting file queries": (["-i", "file://a.json", "-i", "file://b.json"], 2, "different queries"),
     "top-k zero": (["-i", "query: q", "-i", "d", "--top-k", "0"], 2, "--top-k"),
     "top-k not a number": (["-i", "query: q", "-i", "d", "--top-k", "three"], 2, "--top-k"),
+    "max-chunks zero": (["-i", "query: q", "-i", "d", "--max-chunks", "0"], 2, "--max-chunks"),
     "blank instruction": (["-i", "query: q", "-i", "d", "--instruction", " "], 2, "--instruction"),
     "unknown dtype": (["-i", "query: q", "-i", "d", "--dtype", "float8"], 2, "--dtype"),
     "unknown option": (["-i", "query: q", "-i", "d", "--fast"], 2, "--fast"),

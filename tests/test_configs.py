@@ -60,3 +60,17 @@ def test_batch_size_below_chunk_size_is_rejected():
 def test_ingress_answers_its_own_overload(path):
     args = AppArgs(**yaml.safe_load(path.read_text())["applications"][0]["args"])
     assert args.ingress["max_ongoing_requests"] > args.max_concurrent_requests
+
+
+def test_long_document_settings_and_their_bounds():
+    args = AppArgs(models=[{"name": "m", "source": "x"}])
+    assert (args.max_pairs, args.models[0].max_chunks_per_doc, args.models[0].chunk_overlap_tokens) == (4000, 1, 0)
+    for model, match in [
+        ({"max_chunks_per_doc": 0}, "max_chunks_per_doc"),
+        ({"chunk_overlap_tokens": -1}, "chunk_overlap_tokens"),
+        ({"max_length": 512, "chunk_overlap_tokens": 512}, "chunk_overlap_tokens must be below max_length"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            AppArgs(models=[{"name": "m", "source": "x", **model}])
+    with pytest.raises(ValueError, match="max_pairs"):
+        AppArgs(models=[{"name": "m", "source": "x"}], max_pairs=0)

@@ -3,8 +3,9 @@
 A call to a model with no replica starts one (a cold start), so ``/health`` must not call such a
 model to see whether it is alive. It asks the controller instead (``serve.status()``), which
 answers without touching the model: a deployment that autoscaling may take to zero replicas and
-that has none running is resting by design (status HEALTHY: its target of zero is met) or being
-woken by a request (UPSCALING). One that lost its replicas is UNHEALTHY and still counts as down.
+that has none running is resting by design: its target of zero is met (HEALTHY), its last
+replica is draining (DOWNSCALING), or a request is waking it (UPSCALING). One that lost its
+replicas is UNHEALTHY and still counts as down.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ray import serve
 
 from .args import ModelArgs
 
-RESTING_STATUSES = frozenset({"HEALTHY", "UPSCALING"})
+RESTING_STATUSES = frozenset({"HEALTHY", "DOWNSCALING", "UPSCALING"})
 
 
 def may_scale_to_zero(model: ModelArgs) -> bool:

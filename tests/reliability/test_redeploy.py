@@ -47,7 +47,12 @@ def _deploy(checkpoint, *, batching: dict, max_batch_tokens: int) -> None:
             "graceful_shutdown_timeout_s": 20,
         },
     }
-    args = app_args(checkpoint, model=model)
+    # A changed args rolls the ingress too. With a single ingress replica, Serve would stop it
+    # before its replacement runs, and requests would wait for that start (minutes on a loaded
+    # machine, past request_timeout_s): start the replacement first, as production's two or
+    # more ingress replicas do in effect.
+    ingress = {"ray_actor_options": {"num_cpus": 0}, "max_surge_percent": 100}
+    args = app_args(checkpoint, model=model, ingress=ingress)
     config = ServeDeploySchema(applications=[{
         "name": APP,
         "route_prefix": f"/{APP}",

@@ -29,7 +29,8 @@ AUTOSCALING = {
     "look_back_period_s": 1,
     "upscale_delay_s": 0,
     "downscale_delay_s": 2,
-    "downscale_to_zero_delay_s": 3,
+    # Long enough for the checks right after a request to see the replica still up.
+    "downscale_to_zero_delay_s": 10,
 }
 # Longer than Serve needs to react to a request (metrics push + upscale delay): had /health
 # called the model, a replica would be starting by then.
@@ -58,8 +59,6 @@ def _health(url) -> dict:
 def test_scaled_to_zero_model_is_healthy_listed_and_wakes_on_a_request(resting, reranker):
     expected = reranker.score(QUERY, DOCS)
     body = {"query": QUERY, "documents": DOCS}
-    assert replica_states(APP, DEPLOYMENT) == {"RUNNING": 1}
-    assert _health(resting) == {"status": "ok", "models": ["tiny"], "scaled_to_zero": []}
     warm = call(f"{resting}/rerank", body)
 
     idle_since = time.monotonic()

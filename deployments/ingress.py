@@ -18,7 +18,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
@@ -41,6 +41,7 @@ from .errors import (
     handle_validation_error,
 )
 from .metrics import IngressMetrics
+from .scale_to_zero import may_scale_to_zero, scaled_to_zero
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,6 +126,9 @@ class RerankIngress:
         app.state.metrics = IngressMetrics()
         self.in_flight = 0
         self.chunk_retries = 0
+        self.app_name = serve.get_replica_context().app_name
+        # Models that /health must not call when they have no replica: a call would start one.
+        self.may_rest = {m.name: self.handles[m.name].deployment_name for m in args.models if may_scale_to_zero(m)}
 
     # Routes: each turns its body into a Job with its adapter and shapes the result back ------
 
@@ -170,14 +174,28 @@ class RerankIngress:
             data=[schemas.ModelCard(id=m.name, aliases=m.aliases, max_length=m.max_length) for m in self.args.models]
         )
 
-    @app.get("/health", summary="200 when every model has a live replica, else 503",
+    @app.get("/health", summary="200 when every model has a live replica or is scaled to zero, else 503",
              responses={503: ERROR_RESPONSES[503]})
     async def health(self) -> dict:
+        """Pings every model's replicas, except models autoscaling has scaled to zero (listed in
+        ``scaled_to_zero``): they are healthy by design and a ping would wake them."""
+        resting = await self._scaled_to_zero()
+        live = [h for name, h in self.handles.items() if name not in resting]
         try:
-            await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self.handles.values())), 5.0)
+            await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in live)), 5.0)
         except (asyncio.TimeoutError, RayActorError, BackPressureError) as e:
             raise self._overloaded(f"not every model has a live replica ({type(e).__name__})") from e
-        return {"status": "ok", "models": list(self.handles)}
+        return {"status": "ok", "models": list(self.handles), "scaled_to_zero": sorted(resting)}
+
+    async def _scaled_to_zero(self) -> set[str]:
+        if not self.may_rest:
+            return set()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(scaled_to_zero, self.app_name, self.may_rest), 5.0)
+        except (asyncio.TimeoutError, RayError) as e:
+            # Without the controller's view, ping them all: a cold start beats a false "healthy".
+            logger.warning("Serve status unavailable for /health (%s); pinging every model", type(e).__name__)
+            return set()
 
     def stats(self) -> dict:
         """Counters of this ingress replica (for tests and debugging; not an HTTP route)."""

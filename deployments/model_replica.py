@@ -78,6 +78,7 @@ class ModelReplica:
             )
         self.score.set_max_batch_size(batching.max_batch_size)
         self.score.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.batching = batching
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=count_pairs)
     async def score(self, chunks: list[EncodedQuery]) -> list[list[float]]:
@@ -112,6 +113,15 @@ class ModelReplica:
     def stats(self) -> dict:
         """Counters since start: batches, chunks, pairs, forward passes, largest batch in chunks."""
         return dataclasses.asdict(self.stats_)
+
+    def settings(self) -> dict:
+        """The settings this replica runs with now: its actor name, the ``@serve.batch`` settings
+        of the last ``reconfigure`` (its ``user_config``) and the engine's per-pass token budget."""
+        return {
+            "actor_name": self.actor_name(),
+            **self.batching.model_dump(),
+            "max_batch_tokens": self.engine.config.max_batch_tokens,
+        }
 
     def actor_name(self) -> str:
         """This replica's Ray actor name (``SERVE_REPLICA::app#deployment#id``), to find it in tests."""

@@ -389,3 +389,59 @@ def test_readme_names_the_objects_the_manifests_create(rayservice, pvc, job):
     for text in (f"{rayservice['metadata']['name']}-serve-svc", pvc["metadata"]["name"], job["metadata"]["name"],
                  "qwen3-reranker-api-keys", "--version 1.7.0", "docker build -f k8s/Dockerfile"):
         assert text in readme, text
+
+
+# Upgrades --------------------------------------------------------------------------------------
+
+# RayService upgrade strategies of KubeRay 1.7 that keep serving while a new cluster comes up
+# ("None" leaves the old cluster in place; the CRD types the field as a plain string).
+ZERO_DOWNTIME_UPGRADES = {"NewCluster", "NewClusterWithIncrementalUpgrade"}
+
+
+def _unknown_fields(value, schema: dict, path: str = ""):
+    """Paths in ``value`` that ``schema`` does not declare. The API server prunes such fields
+    silently (structural schemas), and jsonschema validation alone lets them through."""
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            if key in schema["properties"]:
+                yield from _unknown_fields(item, schema["properties"][key], f"{path}/{key}")
+            elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                yield f"{path}/{key}"
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            yield from _unknown_fields(item, schema["additionalProperties"], f"{path}/{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            yield from _unknown_fields(item, schema["items"], f"{path}/{i}")
+
+
+def test_the_operator_knows_every_rayservice_field(rayservice, crd_validator):
+    assert list(_unknown_fields(rayservice, crd_validator.schema)) == []
+
+
+def test_unknown_field_check_catches_a_misspelled_upgrade_field(rayservice, crd_validator):
+    broken = copy.deepcopy(rayservice)
+    broken["spec"]["upgradeStrategy"]["typ"] = broken["spec"]["upgradeStrategy"].pop("type")
+    broken["spec"]["rayClusterDeletionDelaySecond"] = broken["spec"].pop("rayClusterDeletionDelaySeconds")
+    assert crd_validator.is_valid(broken)  # what schema validation alone misses
+    assert list(_unknown_fields(broken, crd_validator.schema)) == [
+        "/spec/upgradeStrategy/typ", "/spec/rayClusterDeletionDelaySecond"
+    ]
+
+
+def test_cluster_upgrades_are_zero_downtime_without_extra_setup(rayservice, crd_validator):
+    strategy = rayservice["spec"]["upgradeStrategy"]
+    assert strategy["type"] in ZERO_DOWNTIME_UPGRADES
+    # NewCluster: GA, nothing else to install. The incremental strategy would need its required
+    # clusterUpgradeOptions, the operator's RayServiceIncrementalUpgrade feature gate and a
+    # Gateway API controller, none of which k8s/README.md sets up.
+    assert strategy == {"type": "NewCluster"}
+    spec = crd_validator.schema["properties"]["spec"]["properties"]
+    assert set(spec["upgradeStrategy"]["properties"]) >= {"type", "clusterUpgradeOptions"}
+
+
+def test_old_cluster_outlives_the_requests_it_holds(rayservice, serve_config, app_args):
+    """After the switch, the old cluster is deleted only once every request it accepted has been
+    answered or timed out at its proxy (and each pod then still drains in its preStop)."""
+    proxy_timeout_s = serve_config["http_options"]["request_timeout_s"]
+    assert rayservice["spec"]["rayClusterDeletionDelaySeconds"] >= proxy_timeout_s > app_args.request_timeout_s

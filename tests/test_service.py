@@ -125,7 +125,7 @@ def test_models_and_health(service):
     assert models["data"] == [{"id": "tiny", "object": "model", "owned_by": "qwen3-rerank-serve",
                                "aliases": ["tiny-alias"], "max_length": 512}]
     health = requests.get(f"{service}/health", timeout=10)
-    assert health.status_code == 200 and health.json() == {"status": "ok", "models": ["tiny"]}
+    assert health.status_code == 200 and health.json() == {"status": "ok", "models": ["tiny"], "scaled_to_zero": []}
 
 
 def test_openapi_documents_routes_and_errors(service):

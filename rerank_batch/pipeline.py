@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
-from ray.util.annotations import RayDeprecationWarning
 from ray.data import ActorPoolStrategy, DataContext, SaveMode
 from ray.data.datasource import FilenameProvider
+from ray.util.annotations import RayDeprecationWarning
 
 from .columns import BatchInputError, Columns, Shape
-from .sources import JsonlSource, ParquetSource
 from .options import FORMATS, ModelOptions, Workers
+from .sources import JsonlSource, ParquetSource
 from .stages import Score, tokenize
 
 SOURCES = {"jsonl": JsonlSource, "parquet": ParquetSource}
@@ -42,6 +42,8 @@ SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 CHUNK_PASSES = 4
 MAX_RESTARTS = -1  # a dead scoring actor is always replaced (node loss on a cluster)
 MAX_TASK_RETRIES = 3  # ... but a batch that kills its actor this many times fails the run
+DEFAULT_COLUMNS = Columns()
+DEFAULT_WORKERS = Workers()
 JSON_DOUBLE_PRECISION = 15  # significant digits of scores in JSONL (pandas' maximum; default 10)
 
 
@@ -62,12 +64,12 @@ def rerank_file(
     output: str,
     model: ModelOptions | str,
     *,
-    columns: Columns = Columns(),
+    columns: Columns = DEFAULT_COLUMNS,
     top_k: int | None = None,
     input_format: str | None = None,
     output_format: str | None = None,
     overwrite: bool = False,
-    workers: Workers = Workers(),
+    workers: Workers = DEFAULT_WORKERS,
     progress: bool = True,
     ray_init: dict | None = None,
 ) -> BatchResult:
@@ -121,8 +123,41 @@ def rerank_file(
     path = resolve_source(model.source, hub=model.hub, cache_dir=model.cache_dir)
     if Path(model.source).expanduser().is_dir():
         model = replace(model, source=str(path.resolve()))
-    num_gpus = workers.num_gpus if workers.num_gpus is not None else _default_gpus(model.device)
 
+    try:
+        with _data_context(progress), _errors_off_console():
+            ds = _scored(ray.data.read_datasource(source), source.place, model, columns, shape, top_k, workers)
+            _write(ds, output, output_format, overwrite)
+    except Exception as e:
+        _remove(filesystem, out_path)
+        raise _cause(e) from None  # Ray's wrappers add only tracebacks (kept in Ray Data's log file)
+    files = sorted(i.path for i in filesystem.get_file_info(pafs.FileSelector(out_path)))
+    return BatchResult(output, output_format, shape, files)
+
+
+def _scored(ds, place: str, model: ModelOptions, columns: Columns, shape: Shape, top_k: int | None,
+            workers: Workers):
+    """``ds`` (rows read) tokenized and scored: the input's columns plus the output's."""
+    num_gpus = workers.num_gpus if workers.num_gpus is not None else _default_gpus(model.device)
+    ds = ds.map_batches(
+        tokenize, batch_format="pyarrow", batch_size=workers.batch_size, num_cpus=workers.tokenize_cpus,
+        fn_kwargs={"model": model, "columns": columns, "shape": shape, "place": place},
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing actor options this way (no named parameter exists yet);
+        # without them Ray Data retries a batch whose actor dies without end.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return ds.map_batches(
+            Score, batch_format="pyarrow", batch_size=workers.batch_size,
+            compute=ActorPoolStrategy(size=workers.concurrency), num_cpus=workers.num_cpus, num_gpus=num_gpus,
+            fn_constructor_kwargs={"model": model, "shape": shape, "top_k": top_k, "chunk_passes": CHUNK_PASSES},
+            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+        )
+
+
+@contextlib.contextmanager
+def _data_context(progress: bool):
+    """Ray Data settings for one run, restored afterwards (the context is the process's)."""
     context = DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars,
              context.raise_original_map_exception)
@@ -132,31 +167,10 @@ def rerank_file(
     # UserCodeException that keeps only its traceback text.
     context.raise_original_map_exception = True
     try:
-        ds = ray.data.read_datasource(source)
-        ds = ds.map_batches(
-            tokenize, batch_format="pyarrow", batch_size=workers.batch_size, num_cpus=workers.tokenize_cpus,
-            fn_kwargs={"model": model, "columns": columns, "shape": shape, "place": source.place},
-        )
-        with warnings.catch_warnings():
-            # Ray 2.60 deprecates passing actor options this way (no named parameter exists yet);
-            # without them Ray Data retries a batch whose actor dies without end.
-            warnings.simplefilter("ignore", RayDeprecationWarning)
-            ds = ds.map_batches(
-                Score, batch_format="pyarrow", batch_size=workers.batch_size,
-                compute=ActorPoolStrategy(size=workers.concurrency), num_cpus=workers.num_cpus, num_gpus=num_gpus,
-                fn_constructor_kwargs={"model": model, "shape": shape, "top_k": top_k, "chunk_passes": CHUNK_PASSES},
-                max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
-            )
-        with _errors_off_console():
-            _write(ds, output, output_format, overwrite)
-    except Exception as e:
-        _remove(filesystem, out_path)
-        raise _cause(e) from None  # Ray's wrappers add only tracebacks (kept in Ray Data's log file)
+        yield
     finally:
         (context.execution_options.preserve_order, context.enable_progress_bars,
          context.raise_original_map_exception) = saved
-    files = sorted(i.path for i in filesystem.get_file_info(pafs.FileSelector(out_path)))
-    return BatchResult(output, output_format, shape, files)
 
 
 @contextlib.contextmanager

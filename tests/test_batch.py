@@ -230,6 +230,7 @@ def test_chunks_follow_the_token_budget(model):
 # A scoring actor that dies -----------------------------------------------------------------------
 
 
+@pytest.mark.timeout(1800)  # two model loads and a restart: minutes on a loaded 2-core machine
 def test_a_killed_scoring_actor_is_replaced_and_every_row_is_written(ray_cluster, batch_dir, model, reranker):
     """SIGKILL the scoring actor's process mid-run: Ray restarts it, Ray Data sends its batches
     again, and the output is complete and exact."""
@@ -237,7 +238,9 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_is_written(ray_cluster
     import threading
     import time
 
-    from ray.util.state import list_actors
+    # ray.util.state needs the dashboard, which the session's Ray runs without; the GCS table
+    # behind it is read directly.
+    from ray._private.state import actors
 
     rows = [{"n": i, "query": f"query {i % 4}", "document": f"document number {i} " * (1 + i % 5)} for i in range(60)]
     source = write_jsonl(batch_dir / "fault.jsonl", rows)
@@ -247,22 +250,22 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_is_written(ray_cluster
     thread = threading.Thread(target=lambda: outcome.update(
         result=run(ray_cluster, str(source), output, model, workers=workers)), daemon=True)
 
-    def scorers():
-        return list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(Score))"), ("state", "=", "ALIVE")])
+    def scorers() -> dict[str, dict]:
+        return {actor_id: info for actor_id, info in actors().items()
+                if info["ActorClassName"] == "MapWorker(MapBatches(Score))" and info["State"] == "ALIVE"}
 
-    before = {a.actor_id for a in scorers()}
+    before = set(scorers())
     thread.start()
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1200
     victim = None
     while victim is None and time.monotonic() < deadline and thread.is_alive():
-        victim = next((a for a in scorers() if a.actor_id not in before and a.pid), None)
+        victim = next((actor_id for actor_id, info in scorers().items() if actor_id not in before and info["Pid"]), None)
         time.sleep(0.5)
     assert victim is not None, "the scoring actor never started"
-    os.kill(victim.pid, signal.SIGKILL)
-    thread.join(timeout=900)
+    os.kill(actors()[victim]["Pid"], signal.SIGKILL)
+    thread.join(timeout=1200)
     assert not thread.is_alive() and "result" in outcome
-    restarted = [a for a in list_actors(filters=[("actor_id", "=", victim.actor_id)], detail=True)]
-    assert restarted and restarted[0].num_restarts >= 1
+    assert actors()[victim]["NumRestarts"] >= 1
     out = read_output(output)
     assert [r["n"] for r in out] == list(range(60))
     expected = [reranker.score(r["query"], [r["document"]])[0] for r in rows]

@@ -14,3 +14,7 @@ class UsageError(ValueError):
 def one_line(message: object) -> str:
     """``message`` with every run of whitespace (newlines included) collapsed to one space."""
     return " ".join(str(message).split())
+
+
+class WorkFailed(RuntimeError):
+    """The work failed for a reason other than the inputs: ``rerank: error: ...``, exit code 1."""

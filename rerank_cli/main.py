@@ -12,13 +12,13 @@ import sys
 
 from rerank_core import registry
 
-from .errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line
+from .errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, WorkFailed, one_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # rerank_core.config.DTYPES plus "auto"
 
 EPILOG = """\
 exit status: 0 on success, 1 when the work fails (the model cannot be found, downloaded or
-loaded; a file cannot be written), 2 for bad options or inputs.
+loaded; a file cannot be written; a batch fails), 2 for bad options or inputs.
 environment: RERANK_HUB (default hub), RERANK_CACHE_DIR (default download cache)."""
 
 RUN_EPILOG = """\
@@ -34,6 +34,23 @@ inputs (-i, repeatable, in order):
 examples:
   rerank run -i "query: What is ML?" -i "Machine learning is..." -i "The weather..."
   rerank run -m /path/to/checkpoint -i "query: rivers" -i file://docs.txt --top-k 5 --json
+"""
+
+
+BATCH_EPILOG = """\
+input (JSONL or Parquet; a file, a directory of files, or several; any filesystem Ray Data reads):
+  one row per query   {"query": ..., "documents": [...], "instruction": ...?}
+                      -> adds "scores" (one per document, in order) and "ranking" (indices, best first)
+  one row per pair    {"query": ..., "document": ..., "instruction": ...?}   -> adds "scores" (a number)
+  Every input column is kept, rows stay in input order. A missing or null instruction means the
+  model card's default.
+output: a new directory of part-000000.jsonl, part-000001.jsonl, ... (or .parquet) files in input
+  order; an existing OUTPUT is refused unless --overwrite. A failed run deletes what it wrote.
+
+examples:
+  rerank batch candidates.jsonl -o scored/ --top-k 10
+  rerank batch pairs.parquet -o scored.parquet -m /models/Qwen3-Reranker-4B --concurrency 4 --num-gpus 1
+  ray job submit --working-dir . -- rerank batch s3://bucket/run.parquet -o s3://bucket/scored/
 """
 
 
@@ -63,6 +80,16 @@ def port_number(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def non_blank(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -85,29 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="download cache (default: $RERANK_CACHE_DIR, else the hub library's own cache)")
 
+    def add_model_options(p: argparse.ArgumentParser) -> None:
+        """The model and how the engine runs it: shared by ``run`` and ``batch``."""
+        p.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, metavar="MODEL",
+                       help=f"registry name ({known}), hub id or local checkpoint directory "
+                            f"(default: {registry.DEFAULT_MODEL})")
+        p.add_argument("--max-length", type=positive_int, metavar="TOKENS",
+                       help="longest query+document prompt in tokens; longer documents are cut (default: 8192)")
+        p.add_argument("--device", metavar="DEVICE", help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
+        p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA and on CPUs "
+                       "with native bf16, else float32; float32 is the exact mode)")
+        add_model_source_options(p)
+
     run = commands.add_parser(
         "run", help="rank documents against a query on this machine",
         description="Score documents against a query with a Qwen3-Reranker model on this machine\n"
                     "and print them best first.",
         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("-m", "--model", default=registry.DEFAULT_MODEL, metavar="MODEL",
-                     help=f"registry name ({known}), hub id or local checkpoint directory "
-                          f"(default: {registry.DEFAULT_MODEL})")
     run.add_argument("-i", "--input", dest="inputs", action="append", metavar="INPUT",
                      help="the query ('query: TEXT'), a document, or file://PATH of documents; repeatable")
     run.add_argument("--top-k", type=positive_int, metavar="K", help="print only the K best documents")
     run.add_argument("--instruction", type=non_blank, metavar="TEXT",
                      help="task instruction of the prompt (default: the model card's web search instruction)")
-    run.add_argument("--max-length", type=positive_int, metavar="TOKENS",
-                     help="longest query+document prompt in tokens; longer documents are cut (default: 8192)")
+    add_model_options(run)
     run.add_argument("--max-chunks", type=positive_int, metavar="N",
                      help="score a long document as up to N windows of the token budget and keep the best "
                           "(default: 1, the document's start as the model card truncates)")
-    run.add_argument("--device", metavar="DEVICE", help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
-    run.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA and on CPUs with native bf16, "
-                     "else float32; float32 is the exact mode)")
-    add_model_source_options(run)
     run.add_argument("--json", action="store_true",
                      help="print the POST /rerank response body (with documents) instead of a table")
     run.add_argument("-o", "--output", metavar="FILE", help="also write the JSON response body to FILE")
@@ -133,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source_options(dl)
     dl.set_defaults(handler="rerank_cli.models_cmd:download")
 
+    add_batch_parser(commands, add_model_options)
+
     sv = commands.add_parser(
         "serve", help="run the HTTP service locally (Ray Serve)",
         description="Start the Ray Serve application locally with `serve run` until Ctrl-C. CONFIG is "
@@ -149,6 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: $RAY_ADDRESS, else 'local': a new local cluster, stopped with the app)")
     sv.set_defaults(handler="rerank_cli.serve_cmd:serve")
     return parser
+
+
+def add_batch_parser(commands, add_model_options) -> None:
+    from rerank_batch.options import DEFAULT_BATCH_SIZE, FORMATS  # no Ray, no torch: --help stays fast
+
+    bt = commands.add_parser(
+        "batch", help="score a JSONL or Parquet data set on Ray Data (local or a cluster)",
+        description="Score every (query, document) pair of INPUT with a Qwen3-Reranker model on Ray Data\n"
+                    "and write the rows with their scores to the directory OUTPUT.",
+        epilog=BATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bt.add_argument("input", nargs="+", metavar="INPUT", help="JSONL or Parquet file(s) or directories")
+    bt.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output directory to create")
+    bt.add_argument("--top-k", type=positive_int, metavar="K", help="keep K indices in each ranking (query rows)")
+    bt.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    bt.add_argument("--input-format", choices=FORMATS, help="default: from INPUT's suffix")
+    bt.add_argument("--output-format", choices=FORMATS, help="default: from OUTPUT's suffix, else the input's")
+    for name, default in (("query", "query"), ("documents", "documents"), ("document", "document"),
+                          ("instruction", "instruction")):
+        bt.add_argument(f"--{name}-column", type=non_blank, default=default, metavar="NAME",
+                        help=f"input column of the {name} (default: {default})")
+    bt.add_argument("--concurrency", type=positive_int, default=1, metavar="N",
+                    help="scoring actors, each with its own copy of the model (default: 1)")
+    bt.add_argument("--num-cpus", type=non_negative_float, default=1.0, metavar="C",
+                    help="CPUs per scoring actor; a CPU engine runs that many threads (default: 1)")
+    bt.add_argument("--num-gpus", type=non_negative_float, metavar="G",
+                    help="GPUs per scoring actor (default: 1 if the model runs on CUDA, else 0)")
+    bt.add_argument("--tokenize-cpus", type=non_negative_float, default=1.0, metavar="C",
+                    help="CPUs per tokenize task (default: 1)")
+    bt.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="ROWS",
+                    help=f"input rows per tokenize and score call (default: {DEFAULT_BATCH_SIZE})")
+    bt.add_argument("--max-batch-tokens", type=positive_int, metavar="TOKENS",
+                    help="tokens per forward pass (default: 8192)")
+    bt.add_argument("--max-batch-pairs", type=positive_int, metavar="PAIRS",
+                    help="pairs per forward pass (default: 64)")
+    add_model_options(bt)
+    bt.add_argument("--address", metavar="ADDRESS",
+                    help="Ray cluster to run on (default: $RAY_ADDRESS, set by `ray job submit`; "
+                         "else a local Ray instance for this run)")
+    bt.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    bt.set_defaults(handler="rerank_cli.batch_cmd:batch")
 
 
 def _handler(spec: str):
@@ -170,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, EXIT_USAGE)
     # The except clause's tuple is evaluated only when an exception gets here, so it can name the
     # ModelSourceError classes loaded by then (rerank_core's, and/or the torch-free copy's).
-    except (ValueError, OSError, json.JSONDecodeError, registry.ModelSourceError) as e:
+    except (ValueError, OSError, json.JSONDecodeError, registry.ModelSourceError, WorkFailed) as e:
         return _fail(e, EXIT_RUNTIME)
     except KeyboardInterrupt:
         print("rerank: interrupted", file=sys.stderr)

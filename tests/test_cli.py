@@ -84,13 +84,17 @@ def test_the_console_script_is_installed():
 
 def test_help_describes_every_command_and_option():
     expected = {
-        (): ["run", "list", "download", "serve", "exit status"],
+        (): ["run", "list", "download", "serve", "batch", "exit status"],
         ("run",): ["--model", "--input", "query:", "file://", ".txt", ".jsonl", "--top-k", "--instruction",
                    "--max-length", "--max-chunks", "--device", "--dtype", "--hub", "--cache-dir", "--json", "--output",
                    "--no-progress", "qwen3-reranker-0.6b"],
         ("list",): ["--cache-dir", "--json"],
         ("download",): ["MODEL", "--hub", "--cache-dir"],
         ("serve",): ["CONFIG", "--model", "--port", "--host", "--address", "serve-cpu.yaml"],
+        ("batch",): ["INPUT", "--output", "--model", "--top-k", "--overwrite", "--input-format", "--output-format",
+                     "--query-column", "--documents-column", "--document-column", "--instruction-column",
+                     "--concurrency", "--num-cpus", "--num-gpus", "--tokenize-cpus", "--batch-size",
+                     "--max-batch-tokens", "--max-batch-pairs", "--address", "--no-progress", "ray job submit"],
     }
     for command, words in expected.items():
         result = cli(*command, "--help")
@@ -99,20 +103,21 @@ def test_help_describes_every_command_and_option():
             assert word in result.stdout, (command, word)
 
 
-def test_help_and_list_import_neither_torch_nor_transformers_nor_the_network():
+def test_help_and_list_import_neither_torch_nor_transformers_nor_ray_nor_the_network():
     code = """
 import socket, sys
 def offline(*args, **kwargs):
     raise OSError("network access attempted")
 socket.socket.connect = socket.create_connection = socket.getaddrinfo = offline
 from rerank_cli.main import main
-try:
-    main(["--help"])
-except SystemExit:
-    pass
+for args in (["--help"], ["batch", "--help"]):
+    try:
+        main(args)
+    except SystemExit:
+        pass
 assert main(["list"]) == 0
 assert main(["list", "--json"]) == 0
-heavy = sorted(m for m in ("torch", "transformers", "rerank_core.reranker") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "rerank_core.reranker", "ray") if m in sys.modules)
 assert not heavy, heavy
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the POST /rerank response body (with documents) instead of a table")
     run.add_argument("-o", "--output", metavar="FILE", help="also write the JSON response body to FILE")
     run.add_argument("--no-progress", action="store_true",
-                     help="no progress bar on stderr (shown above 64 documents)")
+                     help="no progress bar on stderr (shown above 64 documents when stderr is a terminal)")
     run.set_defaults(handler="rerank_cli.run_cmd:run")
 
     ls = commands.add_parser(

@@ -219,10 +219,44 @@ def test_top_k_and_instruction_match_the_engine(files_run, reranker):
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
-def test_many_documents_show_a_progress_bar_on_stderr(files_run):
+def test_no_progress_bar_when_stderr_is_not_a_terminal(files_run):
     result, _, _ = files_run
-    assert "67/67" in result.stderr
-    assert "rerank: error" not in result.stderr
+    assert result.stderr == ""  # 67 documents, but stderr is a pipe: no bar, no `\r` frames
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_many_documents_show_a_progress_bar_on_a_terminal(tiny_checkpoint, tmp_path):
+    (tmp_path / "docs.txt").write_text("".join(f"document {i}\n" for i in range(65)))
+    import fcntl
+    import struct
+    import termios
+
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RERANK_CACHE_DIR", "RERANK_HUB")}
+        result = subprocess.run([str(RERANK), "run", "-m", str(tiny_checkpoint), "-i", "query: q", "-i",
+                                 f"file://{tmp_path / 'docs.txt'}", "--top-k", "1"],
+                                stdout=subprocess.PIPE, stderr=terminal, env=env, timeout=180)
+        os.close(terminal)
+        terminal = None
+        written = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: everything the process wrote has been read
+                break
+            if not chunk:
+                break
+            written += chunk
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0, written
+    text = written.decode()
+    assert "\r" in text and "65/65" in text, text
+    assert len(result.stdout.decode().strip().splitlines()) == 2  # the table: header and the best document
 
 
 # rerank run: bad input ---------------------------------------------------------------------------

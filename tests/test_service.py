@@ -144,7 +144,26 @@ def test_openapi_documents_routes_and_errors(service):
         ("/rerank", {"query": "q"}, 422, "documents: Field required"),
         ("/rerank", {"query": "q", "documents": ["a", 3]}, 422, "documents.1"),
         ("/rerank", {"query": "q", "documents": "a"}, 422, "documents"),
-        ("/rerank", {"query": "q", "documents": ["a"], "top_k": 0}, 422, "top_n"),
+        # Errors name the field as the client sent it, top_k or its alias top_n.
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": 0}, 422, "top_k: Input should be greater than"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n: Input should be greater than"),
+        # Strict types: a string is not an integer or a boolean, a float is not an integer.
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": "2"}, 422, "top_k: Input should be a valid integer"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_n": "2"}, 422, "top_n: Input should be a valid integer"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": 2.0}, 422, "top_k: Input should be a valid integer"),
+        ("/rerank", {"query": "q", "documents": ["a"], "return_documents": "yes"}, 422,
+         "return_documents: Input should be a valid boolean"),
+        ("/rerank", {"query": "q", "documents": ["a"], "return_documents": 1}, 422,
+         "return_documents: Input should be a valid boolean"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "2"}, 422, "top_n: Input should be a valid integer"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "no"}, 422,
+         "return_documents: Input should be a valid boolean"),
+        ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "top_n": "2"}, 422,
+         "top_n: Input should be a valid integer"),
+        ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "max_tokens_per_doc": "5"}, 422,
+         "max_tokens_per_doc: Input should be a valid integer"),
+        ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "priority": "1"}, 422,
+         "priority: Input should be a valid integer"),
         ("/rerank", {"query": "q", "documents": ["a"], "top_k": 1, "top_n": 1}, 422, "not both"),
         ("/rerank", {"query": "q", "documents": ["a"], "topk": 1}, 422, "topk: Extra inputs are not permitted"),
         ("/rerank", {"query": "q", "documents": ["a"], "model": "nope"}, 404, "model 'nope' is not served"),
@@ -163,6 +182,20 @@ def test_errors_are_json_with_status_type_and_message(service, path, body, statu
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == status and fragment in error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_without_a_json_content_type_is_told_to_send_one(service, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    data = b'{"query": "q", "documents": ["a"]}'
+    r = requests.post(f"{service}/rerank", data=data, headers=headers, timeout=30)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert (f"content-type {content_type!r}" if content_type else "no content-type header") in message
+    assert "send `content-type: application/json`" in message
+    for json_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = requests.post(f"{service}/rerank", data=data, headers={"content-type": json_type}, timeout=30)
+        assert r.status_code == 200, (json_type, r.text)
 
 
 def test_invalid_json_and_oversized_body(service):

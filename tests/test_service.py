@@ -132,7 +132,30 @@ def test_openapi_documents_routes_and_errors(service):
     spec = requests.get(f"{service}/openapi.json", timeout=10).json()
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         assert {"200", "401", "404", "413", "422", "503", "504"} <= set(spec["paths"][path]["post"]["responses"])
-    assert requests.get(f"{service}/docs", timeout=10).status_code == 200
+
+
+ASSET_TYPES = {".js": "javascript", ".css": "text/css", ".png": "image/png"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_only_assets_the_service_serves(service, page):
+    """/docs and /redoc work offline: every script, style and icon comes from the service."""
+    import re
+
+    r = requests.get(f"{service}{page}", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", r.text) + re.findall(r"""url: ?["']([^"']+)["']""", r.text)
+    urls += re.findall(r"""spec-url=["']([^"']+)["']""", r.text)
+    assert urls, r.text
+    assert [u for u in urls if re.match(r"^(https?:)?//", u)] == []  # nothing from a CDN
+    assert "/openapi.json" in urls
+    assets = [u for u in urls if u != "/openapi.json"]
+    assert any(u.endswith(".js") for u in assets) and (page == "/redoc" or any(u.endswith(".css") for u in assets))
+    for url in assets:
+        asset = requests.get(f"{service}{url}", timeout=10)
+        assert asset.status_code == 200, url
+        assert ASSET_TYPES[url[url.rindex("."):]] in asset.headers["content-type"], (url, asset.headers["content-type"])
+        assert len(asset.content) > 500, url
 
 
 @pytest.mark.parametrize(

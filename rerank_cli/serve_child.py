@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             # `serve run` exits early only when interrupted or when the submission failed (it has
             # printed why, then exits with status 0 even so).
             return 0 if interrupted else (e.code if isinstance(e.code, int) and e.code else 1)
-        except Exception as e:  # noqa: BLE001 - an invalid config, an unreachable cluster, ...
+        except Exception as e:  # noqa: BLE001 - an invalid config, a cluster that did not start, ...
             print(f"rerank: error: serve run failed: {one_line(f'{type(e).__name__}: {e}')}",
                   file=sys.stderr, flush=True)
-            return 1
+            _exit_after_failed_start(1)
         failure = watch(serve.status)
         serve.shutdown()
         print(f"rerank: error: {failure}", file=sys.stderr, flush=True)
@@ -55,6 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         serve.shutdown()
         return 0
+
+
+def _exit_after_failed_start(code: int) -> None:
+    """Stop what Ray started, then exit at once.
+
+    A driver whose ``ray.init`` failed half-way (a node that timed out during start-up) was seen
+    spinning in the interpreter's final garbage collection for minutes, its Ray processes still
+    alive: so shut Ray down explicitly and skip the interpreter's finalization.
+    """
+    import os
+
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway; the processes share this one's fate
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def watch(status, poll_s: float = POLL_S) -> str:

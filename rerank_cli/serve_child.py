@@ -15,6 +15,7 @@ Run as ``python -m rerank_cli.serve_child run CONFIG --address ADDRESS``: ``serv
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -64,8 +65,6 @@ def _exit_after_failed_start(code: int) -> None:
     spinning in the interpreter's final garbage collection for minutes, its Ray processes still
     alive: so shut Ray down explicitly and skip the interpreter's finalization.
     """
-    import os
-
     import ray
 
     try:

@@ -84,7 +84,21 @@ async def handle_http_exception(request: Request, exc: HTTPException) -> JSONRes
     return JSONResponse(error_body(status, _HTTP_TYPES.get(status, "http_error"), message), status, exc.headers)
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether ``content_type`` is a JSON media type (``application/json``, ``application/*+json``)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI parses a body as JSON only when its content type says so; any other body reaches
+    # validation as raw bytes, where "not a valid dictionary" would hide the real mistake.
+    if isinstance(exc.body, (bytes, bytearray)) and not _is_json(request.headers.get("content-type")):
+        received = request.headers.get("content-type")
+        got = f"content-type {received!r}" if received else "no content-type header"
+        return error_response(InvalidRequest(
+            f"the body was not read as JSON: the request has {got}; send `content-type: application/json`"
+        ))
     return error_response(InvalidRequest(_describe_validation(exc)))
 
 
@@ -95,9 +109,10 @@ ERROR_RESPONSES = {
         404: "The requested model is not configured.",
         413: "Too many documents, characters, body bytes, or (query, window) pairs; or, with TEI's "
         "`truncate: false`, a pair over max_length.",
-        422: "Invalid body: empty query, no documents, wrong types, unknown fields, top_k < 1, "
-        "max_chunks_per_doc < 1, score lists of different lengths, a query too long to leave room "
-        "for a document, or a chunk overlap not below this request's document budget.",
+        422: "Invalid body: not JSON (send content-type: application/json), empty query, no documents, "
+        "wrong types (strict: \"2\" is not an integer), unknown fields, top_k < 1, max_chunks_per_doc < 1, "
+        "score lists of different lengths, a query too long to leave room for a document, or a chunk "
+        "overlap not below this request's document budget.",
         503: "Overloaded (back-pressure) or no replica available; see Retry-After.",
         504: "No answer within the request timeout.",
     }.items()

@@ -15,8 +15,9 @@ import os
 import time
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError
@@ -51,7 +52,9 @@ OPEN_PATHS = {"/health"}
 CHUNK_ATTEMPTS = 3
 CHUNK_RETRY_BACKOFF_S = 0.25
 
-app = FastAPI(
+# FastAPIOffline: a FastAPI app whose /docs and /redoc pages load Swagger UI and ReDoc from the
+# service itself (assets shipped in the fastapi-offline package), not from a CDN.
+app = FastAPIOffline(
     title="Qwen3-Reranker",
     description="Rerank documents by relevance to a query with Qwen3-Reranker models.",
     version="0.1.0",

@@ -6,14 +6,27 @@
 * ``POST /v2/rerank``: the Cohere v2 shape, as the official ``cohere`` SDK sends it.
 * ``POST /score``, ``POST /v1/score``: vLLM's score API ((query, document) pairs, 1:N or N:N).
 
-Unknown fields are rejected (422) so that a misspelled option never silently does nothing.
+Unknown fields are rejected (422) so that a misspelled option never silently does nothing, and
+numbers and booleans are strict (``"2"`` is not an integer, ``"yes"`` not a boolean): a value that
+had to be guessed at is an error, not a silent conversion. An error names the field as the client
+spelled it (``top_k`` or its alias ``top_n``).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    model_validator,
+)
 
 MAX_INSTRUCTION_CHARS = 4096
 CHUNKS_DESCRIPTION = (
@@ -50,21 +63,24 @@ class RerankRequest(_Request):
     """``POST /rerank``."""
 
     documents: list[str] = Field(min_length=1, description="Texts to rank; an empty string is valid.")
+    # `top_k` is the seed's name, `top_n` the name other rerank APIs use; both mean the same, and
+    # an error names whichever the client sent.
     top_k: int | None = Field(
-        None, ge=1, alias="top_n", description="Return this many results (alias `top_n`; default all)."
+        None,
+        ge=1,
+        strict=True,
+        validation_alias=AliasChoices("top_k", "top_n"),
+        description="Return this many results (alias `top_n`; default all).",
     )
-    return_documents: bool = Field(False, description="Attach each document's text to its result.")
+    return_documents: bool = Field(False, strict=True, description="Attach each document's text to its result.")
     max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
     return_spans: StrictBool = Field(False, description=SPANS_DESCRIPTION)
 
     @model_validator(mode="before")
     @classmethod
-    def _accept_top_k_and_top_n(cls, data):
-        # `top_k` is the seed's name, `top_n` the name other rerank APIs use; both mean the same.
-        if isinstance(data, dict) and "top_k" in data:
-            if "top_n" in data:
-                raise ValueError("give top_k or top_n, not both")
-            data = {("top_n" if k == "top_k" else k): v for k, v in data.items()}
+    def _top_k_or_top_n(cls, data):
+        if isinstance(data, dict) and "top_k" in data and "top_n" in data:
+            raise ValueError("give top_k or top_n, not both")
         return data
 
 
@@ -78,9 +94,9 @@ class JinaRerankRequest(_Request):
 
     documents: list[str | TextDocument] = Field(min_length=1, description="Strings or `{text}` objects.")
     top_n: int | None = Field(
-        None, ge=0, description="Return this many results; absent or 0 means all (as in vLLM)."
+        None, ge=0, strict=True, description="Return this many results; absent or 0 means all (as in vLLM)."
     )
-    return_documents: bool = Field(True, description="Attach `document: {text}` to each result.")
+    return_documents: bool = Field(True, strict=True, description="Attach `document: {text}` to each result.")
     max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
     return_spans: StrictBool = Field(False, description=SPANS_DESCRIPTION)
 
@@ -96,12 +112,12 @@ class CohereRerankRequest(BaseModel):
     model: str = Field(min_length=1, description="Configured model name.")
     query: str = Field(min_length=1)
     documents: list[str] = Field(min_length=1)
-    top_n: int | None = Field(None, ge=1, description="Return this many results (default all).")
+    top_n: int | None = Field(None, ge=1, strict=True, description="Return this many results (default all).")
     max_tokens_per_doc: int | None = Field(
-        None, ge=1, description="Cut each document to this many tokens (and to max_length)."
+        None, ge=1, strict=True, description="Cut each document to this many tokens (and to max_length)."
     )
     max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
-    priority: int | None = Field(None, description="Accepted for SDK compatibility; has no effect.")
+    priority: int | None = Field(None, strict=True, description="Accepted for SDK compatibility; has no effect.")
     relevant_spans: dict[str, Any] | None = Field(
         None, description="Accepted for SDK compatibility; spans are not produced (a warning says so)."
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rerank_core import registry
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the POST /rerank response body (with documents) instead of a table")
     run.add_argument("-o", "--output", metavar="FILE", help="also write the JSON response body to FILE")
     run.add_argument("--no-progress", action="store_true",
-                     help="no progress bar on stderr (shown above 64 documents)")
+                     help="no progress bar on stderr (shown above 64 documents when stderr is a terminal)")
     run.set_defaults(handler="rerank_cli.run_cmd:run")
 
     ls = commands.add_parser(
@@ -169,12 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv = commands.add_parser(
         "serve", help="run the HTTP service locally (Ray Serve)",
         description="Start the Ray Serve application locally with `serve run` until Ctrl-C. CONFIG is "
-                    "not modified: --model/--port/--host are applied to a temporary copy.",
+                    "not modified: --model/--hub/--cache-dir/--port/--host are applied to a temporary "
+                    "copy. Model sources are resolved (downloaded if needed) before Ray starts; the "
+                    "command exits with status 1 and one line if that fails or an application fails "
+                    "to deploy.",
     )
     sv.add_argument("config", nargs="?", metavar="CONFIG",
                     help="Serve config YAML (default: the repository's configs/serve-cpu.yaml)")
     sv.add_argument("--model", metavar="SOURCE",
                     help="model source (name, hub id or directory) for the first model of the first application")
+    sv.add_argument("--hub", choices=registry.HUBS, default=None,
+                    help="hub the first model downloads from (default: its `hub` in CONFIG, else $RERANK_HUB "
+                         f"or {registry.DEFAULT_HUB})")
+    sv.add_argument("--cache-dir", metavar="DIR", default=None,
+                    help="download cache of the first model (default: its `cache_dir` in CONFIG, else "
+                         "$RERANK_CACHE_DIR, else the hub library's own cache)")
     sv.add_argument("--port", type=port_number, help="HTTP port (default: the config's http_options.port)")
     sv.add_argument("--host", help="HTTP host (default: the config's http_options.host)")
     sv.add_argument("--address", metavar="ADDRESS",
@@ -232,7 +242,15 @@ def _handler(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+# ModelScope retries an unreachable hub for about 25 s by default. At a terminal (and in the
+# service `rerank serve` starts, which inherits the environment) a missing network should fail
+# within seconds: fewer retries, unless these variables (ModelScope's own) are set already.
+HUB_RETRY_DEFAULTS = {"MODELSCOPE_API_MAX_RETRIES": "1", "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name, value in HUB_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rerank_core import registry
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # stderr is for errors and our own progress bar
     _check_device(args.device)
     reranker = Reranker.load(path, device=args.device, dtype=args.dtype, max_length=args.max_length)
-    show_progress = len(inputs.documents) > PROGRESS_ABOVE and not args.no_progress
+    # A bar redraws itself with `\r`: on a terminal only, never into a log file or a pipe.
+    show_progress = len(inputs.documents) > PROGRESS_ABOVE and not args.no_progress and sys.stderr.isatty()
     scores, num_tokens = score_in_slices(
         reranker, inputs.query, inputs.documents, args.instruction, show_progress, args.max_chunks
     )

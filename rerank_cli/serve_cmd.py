@@ -1,7 +1,14 @@
 """``rerank serve``: run the Serve application locally with ``serve run`` as a child process.
 
 The config (``configs/serve-cpu.yaml`` by default) is never edited: it is loaded, patched with
-``--model``/``--port``/``--host`` and written to a temporary file that ``serve run`` reads.
+``--model``/``--hub``/``--cache-dir`` (first model) and ``--port``/``--host``, and written to a temporary file that ``serve run`` reads.
+
+Before Ray starts, every model source of the config is resolved on this machine (a registry name
+or hub id is downloaded, or found in the cache) and the temporary config names the local
+directory: a source that cannot be resolved is one ``rerank: error:`` line and exit status 1,
+within seconds. (With ``--address`` naming a running cluster, sources are left to its nodes.)
+The child (:mod:`rerank_cli.serve_child`) is ``serve run`` watched: an application that fails to
+deploy ends it with status 1 and one line naming the cause, instead of a service that never starts.
 
 ``serve run`` gets ``--address local`` unless ``--address`` or ``$RAY_ADDRESS`` names a cluster:
 it then starts a new local Ray cluster (never joining one that ``ray start`` left running) and
@@ -50,6 +57,9 @@ def serve(args: argparse.Namespace) -> int:
     model = first_model(config, config_path)
     if args.model is not None:
         model["source"] = checked_source(args.model)
+    for key in ("hub", "cache_dir"):
+        if getattr(args, key, None) is not None:
+            model[key] = getattr(args, key)
     http = config.get("http_options") or {}
     if not isinstance(http, dict):
         raise UsageError(f"{config_path}: http_options must be a mapping")
@@ -59,15 +69,42 @@ def serve(args: argparse.Namespace) -> int:
     if args.host is not None:
         http["host"] = args.host
 
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        resolve_sources(config)
     patched = write_temp_config(config)
     try:
         url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{_route_prefix(config)}"
         print(f"rerank: serving {config_path} with model source {model.get('source')!r} at {url} "
               f"(Ctrl-C to stop)", flush=True)
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
         return run_child([*serve_command(), "run", str(patched), "--address", address])
     finally:
         patched.unlink(missing_ok=True)
+
+
+def resolve_sources(config: dict) -> None:
+    """Replace each model's ``source`` in ``config`` by its local directory, downloading if needed.
+
+    Models are ``applications[*].args.models[*]`` entries; their ``hub``/``cache_dir`` apply.
+
+    Raises:
+        ModelSourceError: a source cannot be resolved; the message names the model, the
+            application, and what can work instead.
+    """
+    for application in config.get("applications") or []:
+        app_args = application.get("args") if isinstance(application, dict) else None
+        models = app_args.get("models") if isinstance(app_args, dict) else None
+        for model in models if isinstance(models, list) else []:
+            if not isinstance(model, dict) or not isinstance(model.get("source"), str):
+                continue  # left to the application's own validation, which names the key
+            try:
+                path = registry.resolve_source(model["source"], hub=model.get("hub"), cache_dir=model.get("cache_dir"))
+            except registry.ModelSourceError as e:
+                raise registry.ModelSourceError(
+                    f"model {model.get('name', model['source'])!r} of application "
+                    f"{application.get('name', 'default')!r}: {e}"
+                ) from e
+            model["source"] = str(path.resolve())
 
 
 def load_config(path: Path) -> dict:
@@ -115,11 +152,8 @@ def write_temp_config(config: dict) -> Path:
 
 
 def serve_command() -> list[str]:
-    """Ray's ``serve`` CLI, run by this interpreter (the ``serve`` script next to it if present)."""
-    script = Path(sys.executable).parent / "serve"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli(prog_name='serve'))"]
+    """Ray's ``serve`` CLI, watched (:mod:`rerank_cli.serve_child`), run by this interpreter."""
+    return [sys.executable, "-m", "rerank_cli.serve_child"]
 
 
 def run_child(command: list[str]) -> int:

@@ -90,7 +90,8 @@ def resolve_source(
 
     Raises:
         ModelSourceError: the source is unknown, the directory is not a checkpoint, or the
-            download failed; the message names the id and hub and how to use a local directory.
+            download failed; the message names the id, the hub and the cause, and what can work
+            instead (the other hub, a cache directory, a local directory; :func:`ways_out`).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -111,11 +112,32 @@ def resolve_source(
     try:
         return Path((downloader or download)(hub_id, hub, cache_dir, files))
     except Exception as e:  # noqa: BLE001 - hub clients raise many unrelated types
-        raise ModelSourceError(
-            f"could not download {hub_id!r} from {hub} ({type(e).__name__}: {e}). "
-            f"Download it where a hub is reachable (`rerank download {source}`) and pass the "
-            f"local directory as the model source instead."
-        ) from e
+        raise ModelSourceError(f"could not download {hub_id!r} from {hub} ({describe_error(e)}). {ways_out(hub)}") from e
+
+
+def ways_out(failed_hub: str) -> str:
+    """What can work when a download from ``failed_hub`` failed (never the same download again)."""
+    other = next(h for h in HUBS if h != failed_hub)
+    return (
+        f"What can work: the other hub (--hub {other}, or {HUB_ENV}={other}, or `hub: {other}` in a "
+        f"Serve config's model entry); a cache that already holds the checkpoint (--cache-dir DIR or "
+        f"{CACHE_ENV}); or a local checkpoint directory as the model source (--model DIR)."
+    )
+
+
+def describe_error(error: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of ``error`` on one line, at most ``limit`` characters, and of its root
+    cause when that is another exception (hub clients wrap the socket error that says it all)."""
+
+    def short(e: BaseException) -> str:
+        text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+    root, seen = error, {id(error)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    return short(error) if root is error else f"{short(error)}; caused by {short(root)}"
 
 
 def download(

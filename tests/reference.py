@@ -39,7 +39,9 @@ def official_scores(model, tokenizer, query, documents, instruction=None, max_le
     )
     for i, ele in enumerate(inputs["input_ids"]):
         inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
-    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
+    # The model card also passes max_length here; with padding=True (pad to the longest) it has no
+    # effect, and transformers warns so on every call. Left out: the same tensors, no warning.
+    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     token_false_id = tokenizer.convert_tokens_to_ids("no")
     token_true_id = tokenizer.convert_tokens_to_ids("yes")

@@ -90,7 +90,7 @@ def test_help_describes_every_command_and_option():
                    "--no-progress", "qwen3-reranker-0.6b"],
         ("list",): ["--cache-dir", "--json"],
         ("download",): ["MODEL", "--hub", "--cache-dir"],
-        ("serve",): ["CONFIG", "--model", "--port", "--host", "--address", "serve-cpu.yaml"],
+        ("serve",): ["CONFIG", "--model", "--hub", "--cache-dir", "--port", "--host", "--address", "serve-cpu.yaml"],
         ("batch",): ["INPUT", "--output", "--model", "--top-k", "--overwrite", "--input-format", "--output-format",
                      "--query-column", "--documents-column", "--document-column", "--instruction-column",
                      "--concurrency", "--num-cpus", "--num-gpus", "--tokenize-cpus", "--batch-size",
@@ -237,7 +237,7 @@ def test_max_chunks_scores_long_documents_by_their_best_window(tiny_checkpoint):
     from rerank_core import Reranker
     from tests.test_windows import LONG, SHORT
 
-    result = cli("run", "--model", tiny_checkpoint, "--json", "--max-length", 160, "--max-chunks", 3,
+    result = cli("run", "--model", tiny_checkpoint, "--dtype", "float32", "--json", "--max-length", 160, "--max-chunks", 3,
                  "-i", "query: Which river runs through town 91?", "-i", LONG, "-i", SHORT)
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
@@ -250,10 +250,44 @@ def test_max_chunks_scores_long_documents_by_their_best_window(tiny_checkpoint):
     assert body["usage"]["prompt_tokens"] == expected.tokens
 
 
-def test_many_documents_show_a_progress_bar_on_stderr(files_run):
+def test_no_progress_bar_when_stderr_is_not_a_terminal(files_run):
     result, _, _ = files_run
-    assert "67/67" in result.stderr
-    assert "rerank: error" not in result.stderr
+    assert result.stderr == ""  # 67 documents, but stderr is a pipe: no bar, no `\r` frames
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_many_documents_show_a_progress_bar_on_a_terminal(tiny_checkpoint, tmp_path):
+    (tmp_path / "docs.txt").write_text("".join(f"document {i}\n" for i in range(65)))
+    import fcntl
+    import struct
+    import termios
+
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RERANK_CACHE_DIR", "RERANK_HUB")}
+        result = subprocess.run([str(RERANK), "run", "-m", str(tiny_checkpoint), "-i", "query: q", "-i",
+                                 f"file://{tmp_path / 'docs.txt'}", "--top-k", "1"],
+                                stdout=subprocess.PIPE, stderr=terminal, env=env, timeout=180)
+        os.close(terminal)
+        terminal = None
+        written = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: everything the process wrote has been read
+                break
+            if not chunk:
+                break
+            written += chunk
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0, written
+    text = written.decode()
+    assert "\r" in text and "65/65" in text, text
+    assert len(result.stdout.decode().strip().splitlines()) == 2  # the table: header and the best document
 
 
 # rerank run: bad input ---------------------------------------------------------------------------
@@ -407,12 +441,18 @@ def test_list_shows_registry_default_and_cache_state(fake_caches, tmp_path):
         "qwen3-reranker-0.6b": [], "qwen3-reranker-4b": [], "qwen3-reranker-8b": ["modelscope"]}
 
 
-def test_download_fails_fast_and_cleanly_offline(tmp_path):
+@pytest.mark.parametrize("hub,other", [("huggingface", "modelscope"), ("modelscope", "huggingface")])
+def test_download_fails_fast_and_cleanly_offline(tmp_path, hub, other):
     started = time.monotonic()
-    result = cli("download", "qwen3-reranker-0.6b", "--hub", "huggingface", "--cache-dir", tmp_path)
-    line = assert_clean_error(result, 1, "could not download 'Qwen/Qwen3-Reranker-0.6B' from huggingface")
-    assert "rerank download qwen3-reranker-0.6b" in line  # says what to do instead
-    assert time.monotonic() - started < 30
+    result = cli("download", "qwen3-reranker-0.6b", "--hub", hub, "--cache-dir", tmp_path)
+    line = assert_clean_error(result, 1, f"could not download 'Qwen/Qwen3-Reranker-0.6B' from {hub}")
+    # It says what can work instead, never the command that just failed.
+    assert f"--hub {other}" in line and "--cache-dir DIR" in line and "local checkpoint directory" in line
+    assert "rerank download" not in line
+    assert time.monotonic() - started < 60
+
+
+def test_download_rejects_unknown_models_and_hubs():
     assert_clean_error(cli("download", "qwen3-reranker-13b"), 1, "unknown model source 'qwen3-reranker-13b'")
     assert_clean_error(cli("download", "x", "--hub", "github"), 2, "--hub")
 
@@ -436,6 +476,21 @@ def test_serve_rejects_bad_arguments_before_starting_anything(tmp_path):
     assert_clean_error(cli("serve", "--port", "70000"), 2, "--port")
 
 
+@pytest.mark.parametrize("hub", [None, "huggingface"])
+def test_serve_without_a_hub_fails_fast_with_one_line_before_starting_ray(tmp_path, hub):
+    """The README's first command on a machine without a hub: the model cannot be downloaded."""
+    started = time.monotonic()
+    result = cli("serve", "--port", _free_port(), *(["--hub", hub] if hub else []),
+                 env={"RERANK_CACHE_DIR": str(tmp_path)}, timeout=120)
+    elapsed = time.monotonic() - started
+    line = assert_clean_error(result, 1, "model 'qwen3-reranker-0.6b' of application 'reranker'",
+                              f"could not download 'Qwen/Qwen3-Reranker-0.6B' from {hub or 'modelscope'}",
+                              "--model DIR", "--cache-dir DIR")
+    assert f"--hub {'modelscope' if hub else 'huggingface'}" in line
+    assert result.stdout == ""  # Ray never started: nothing from `serve run`
+    assert elapsed < 60, elapsed
+
+
 def test_serve_patches_a_temporary_copy_of_the_default_config(monkeypatch, tiny_checkpoint, capsys):
     from rerank_cli import serve_cmd
     from rerank_cli.main import build_parser
@@ -452,20 +507,69 @@ def test_serve_patches_a_temporary_copy_of_the_default_config(monkeypatch, tiny_
     monkeypatch.setattr(serve_cmd, "run_child", fake_run_child)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(tiny_checkpoint.parent)
-    args = build_parser().parse_args(["serve", "--model", tiny_checkpoint.name, "--port", "8123", "--host", "0.0.0.0"])
+    args = build_parser().parse_args(["serve", "--model", tiny_checkpoint.name, "--port", "8123", "--host", "0.0.0.0",
+                                      "--hub", "huggingface", "--cache-dir", "/models"])
     assert serve_cmd.serve(args) == 0
 
     command, config = seen["command"], seen["config"]
     assert command[-2:] == ["--address", "local"]  # a new local cluster, never someone else's
     assert not Path(command[command.index("run") + 1]).exists()  # the temporary copy is removed
     expected = yaml.safe_load(original)
-    expected["applications"][0]["args"]["models"][0]["source"] = str(tiny_checkpoint.resolve())
+    expected["applications"][0]["args"]["models"][0].update(
+        source=str(tiny_checkpoint.resolve()), hub="huggingface", cache_dir="/models")
     expected["http_options"].update(port=8123, host="0.0.0.0")
     assert config == expected
     assert default.read_text() == original
     assert capsys.readouterr().out.strip() == (
         f"rerank: serving {default} with model source '{tiny_checkpoint.resolve()}' at http://0.0.0.0:8123/ "
         f"(Ctrl-C to stop)")
+
+
+def test_serve_watch_reports_the_first_failed_deployment_in_one_line(capsys):
+    from types import SimpleNamespace as NS
+
+    from rerank_cli.serve_child import watch
+
+    deploying = NS(status="DEPLOYING", message="", deployments={})
+    running = NS(status="RUNNING", message="", deployments={})
+    traceback = ("The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n"
+                 "  File \"x.py\", line 1\nrerank_core.registry.ModelSourceError: cannot load a checkpoint  \n\n")
+    failed = NS(status="DEPLOY_FAILED", message="Deploying app 'main' failed", deployments={
+        "RerankIngress": NS(status="HEALTHY", message=""),
+        "model-tiny": NS(status="DEPLOY_FAILED", message=traceback),
+    })
+    states = iter([{}, {"main": deploying}, {"main": running, "other": deploying}, {"main": running, "other": running},
+                   {"main": running, "other": running}, {"main": failed, "other": running}])
+    line = watch(lambda: NS(applications=next(states)), poll_s=0)
+    assert line == ("application 'main' failed to deploy: deployment 'model-tiny': "
+                    "rerank_core.registry.ModelSourceError: cannot load a checkpoint")
+    assert capsys.readouterr().out == "rerank: ready: application(s) main, other RUNNING\n"  # once
+    no_details = NS(status="DEPLOY_FAILED", message="", deployments={})
+    assert watch(lambda: NS(applications={"x": no_details}), poll_s=0) == "application 'x' failed to deploy: no reason given"
+
+
+@pytest.mark.slow
+def test_serve_exits_with_the_cause_when_a_deployment_cannot_start(tmp_path):
+    """A source that resolves (a directory with config.json) but cannot load: Serve's replicas fail,
+    and `rerank serve` exits 1 naming the cause instead of waiting forever."""
+    broken = tmp_path / "broken-checkpoint"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    process = subprocess.Popen([str(RERANK), "serve", "--model", str(broken), "--port", str(_free_port())],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # this test's own process group only
+            process.wait(timeout=30)
+    assert process.returncode == 1, (out[-2000:], err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rerank: error: application 'reranker' failed to deploy: deployment "), last
+    assert f"cannot load a checkpoint from {broken}" in last, last
 
 
 def _free_port() -> int:

@@ -80,8 +80,25 @@ def test_offline_failure_says_which_id_which_hub_and_what_to_do():
     message = str(info.value)
     assert "'Qwen/Qwen3-Reranker-0.6B' from modelscope" in message
     assert "ConnectionError: Name or service not known" in message
-    assert "local directory" in message
+    assert "--hub huggingface" in message and "--hub modelscope" not in message  # the other hub
+    assert "--cache-dir DIR" in message and "local checkpoint directory" in message
+    assert "rerank download" not in message  # never the download that just failed
     assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_a_wrapped_error_reports_its_root_cause_briefly():
+    def offline(hub_id, hub, cache_dir, files):
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as e:
+            raise RuntimeError("Connection failed: " + "x" * 500) from e
+
+    with pytest.raises(ModelSourceError) as info:
+        resolve_source("Qwen/Qwen3-Reranker-4B", hub="huggingface", downloader=offline)
+    message = str(info.value)
+    assert "caused by OSError: [Errno -2] Name or service not known" in message
+    assert "x" * 200 not in message and "…" in message  # a long message is cut
+    assert "--hub modelscope" in message
 
 
 def test_tokenizer_only_load_fetches_no_weights(monkeypatch, tmp_path, tiny_checkpoint):

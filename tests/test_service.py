@@ -132,7 +132,30 @@ def test_openapi_documents_routes_and_errors(service):
     spec = requests.get(f"{service}/openapi.json", timeout=10).json()
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         assert {"200", "401", "404", "413", "422", "503", "504"} <= set(spec["paths"][path]["post"]["responses"])
-    assert requests.get(f"{service}/docs", timeout=10).status_code == 200
+
+
+ASSET_TYPES = {".js": "javascript", ".css": "text/css", ".png": "image/png"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_only_assets_the_service_serves(service, page):
+    """/docs and /redoc work offline: every script, style and icon comes from the service."""
+    import re
+
+    r = requests.get(f"{service}{page}", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", r.text) + re.findall(r"""url: ?["']([^"']+)["']""", r.text)
+    urls += re.findall(r"""spec-url=["']([^"']+)["']""", r.text)
+    assert urls, r.text
+    assert [u for u in urls if re.match(r"^(https?:)?//", u)] == []  # nothing from a CDN
+    assert "/openapi.json" in urls
+    assets = [u for u in urls if u != "/openapi.json"]
+    assert any(u.endswith(".js") for u in assets) and (page == "/redoc" or any(u.endswith(".css") for u in assets))
+    for url in assets:
+        asset = requests.get(f"{service}{url}", timeout=10)
+        assert asset.status_code == 200, url
+        assert ASSET_TYPES[url[url.rindex("."):]] in asset.headers["content-type"], (url, asset.headers["content-type"])
+        assert len(asset.content) > 500, url
 
 
 @pytest.mark.parametrize(
@@ -144,7 +167,26 @@ def test_openapi_documents_routes_and_errors(service):
         ("/rerank", {"query": "q"}, 422, "documents: Field required"),
         ("/rerank", {"query": "q", "documents": ["a", 3]}, 422, "documents.1"),
         ("/rerank", {"query": "q", "documents": "a"}, 422, "documents"),
-        ("/rerank", {"query": "q", "documents": ["a"], "top_k": 0}, 422, "top_n"),
+        # Errors name the field as the client sent it, top_k or its alias top_n.
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": 0}, 422, "top_k: Input should be greater than"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n: Input should be greater than"),
+        # Strict types: a string is not an integer or a boolean, a float is not an integer.
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": "2"}, 422, "top_k: Input should be a valid integer"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_n": "2"}, 422, "top_n: Input should be a valid integer"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": 2.0}, 422, "top_k: Input should be a valid integer"),
+        ("/rerank", {"query": "q", "documents": ["a"], "return_documents": "yes"}, 422,
+         "return_documents: Input should be a valid boolean"),
+        ("/rerank", {"query": "q", "documents": ["a"], "return_documents": 1}, 422,
+         "return_documents: Input should be a valid boolean"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "2"}, 422, "top_n: Input should be a valid integer"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "no"}, 422,
+         "return_documents: Input should be a valid boolean"),
+        ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "top_n": "2"}, 422,
+         "top_n: Input should be a valid integer"),
+        ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "max_tokens_per_doc": "5"}, 422,
+         "max_tokens_per_doc: Input should be a valid integer"),
+        ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "priority": "1"}, 422,
+         "priority: Input should be a valid integer"),
         ("/rerank", {"query": "q", "documents": ["a"], "top_k": 1, "top_n": 1}, 422, "not both"),
         ("/rerank", {"query": "q", "documents": ["a"], "topk": 1}, 422, "topk: Extra inputs are not permitted"),
         ("/rerank", {"query": "q", "documents": ["a"], "model": "nope"}, 404, "model 'nope' is not served"),
@@ -163,6 +205,20 @@ def test_errors_are_json_with_status_type_and_message(service, path, body, statu
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == status and fragment in error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_without_a_json_content_type_is_told_to_send_one(service, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    data = b'{"query": "q", "documents": ["a"]}'
+    r = requests.post(f"{service}/rerank", data=data, headers=headers, timeout=30)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert (f"content-type {content_type!r}" if content_type else "no content-type header") in message
+    assert "send `content-type: application/json`" in message
+    for json_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = requests.post(f"{service}/rerank", data=data, headers={"content-type": json_type}, timeout=30)
+        assert r.status_code == 200, (json_type, r.text)
 
 
 def test_invalid_json_and_oversized_body(service):

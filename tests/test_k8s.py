@@ -133,10 +133,14 @@ def _prestop_sleep_s(container: dict) -> int:
 # The RayService against KubeRay's schema ------------------------------------------------------
 
 
+def rayservice_schema() -> dict:
+    """The RayService v1 openAPIV3Schema kept in the repository."""
+    return json.loads(gzip.decompress(CRD_SCHEMA_PATH.read_bytes()))
+
+
 @pytest.fixture(scope="module")
 def crd_validator() -> jsonschema.Draft7Validator:
-    schema = json.loads(gzip.decompress(CRD_SCHEMA_PATH.read_bytes()))
-    return jsonschema.Draft7Validator(schema)
+    return jsonschema.Draft7Validator(rayservice_schema())
 
 
 def test_rayservice_validates_against_the_kuberay_crd(rayservice, crd_validator):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from rerank_cli.main import build_parser
-from tests.test_k8s import CRD_PATH, K8S, KUBERNETES_VERSION, _env, _Loader, _one, _ray_container
+from tests.test_k8s import K8S, KUBERNETES_VERSION, _env, _one, _ray_container, rayservice_schema
 
 # RayJob `spec` fields used here, with their types (KubeRay v1 API, ray.io/v1 RayJobSpec).
 RAYJOB_SPEC_FIELDS = {
@@ -47,11 +47,7 @@ def rayservice_cluster() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster_schema() -> jsonschema.Draft7Validator:
-    if not CRD_PATH.is_file():
-        pytest.fail(f"KubeRay's RayService CRD is missing: looked for {CRD_PATH}")
-    crd = yaml.load(CRD_PATH.read_text(), Loader=_Loader)
-    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft7Validator(v1["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rayClusterConfig"])
+    return jsonschema.Draft7Validator(rayservice_schema()["properties"]["spec"]["properties"]["rayClusterConfig"])
 
 
 @pytest.fixture(scope="module")

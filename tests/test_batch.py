@@ -242,7 +242,10 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_is_written(ray_cluster
     # behind it is read directly.
     from ray._private.state import actors
 
-    rows = [{"n": i, "query": f"query {i % 4}", "document": f"document number {i} " * (1 + i % 5)} for i in range(60)]
+    # Enough rows that the run is still scoring when the actor is killed, also on an idle machine
+    # (with 60 the pipeline could finish between two polls, and the kill then hit nothing).
+    total = 400
+    rows = [{"n": i, "query": f"query {i % 4}", "document": f"document number {i} " * (1 + i % 5)} for i in range(total)]
     source = write_jsonl(batch_dir / "fault.jsonl", rows)
     output = batch_dir / "fault-out"
     outcome: dict = {}
@@ -260,14 +263,14 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_is_written(ray_cluster
     victim = None
     while victim is None and time.monotonic() < deadline and thread.is_alive():
         victim = next((actor_id for actor_id, info in scorers().items() if actor_id not in before and info["Pid"]), None)
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert victim is not None, "the scoring actor never started"
     os.kill(actors()[victim]["Pid"], signal.SIGKILL)
     thread.join(timeout=1200)
     assert not thread.is_alive() and "result" in outcome
     assert actors()[victim]["NumRestarts"] >= 1
     out = read_output(output)
-    assert [r["n"] for r in out] == list(range(60))
+    assert [r["n"] for r in out] == list(range(total))
     expected = [reranker.score(r["query"], [r["document"]])[0] for r in rows]
     close([r["scores"] for r in out], expected)
 

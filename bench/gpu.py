@@ -27,6 +27,11 @@ random weights they measure rounding only).
    padded) is reported. Per layout and budget: forward passes, real and computed tokens, pairs/s,
    real tokens/s, and peak GPU memory; one warm-up call, then ``--repeats`` timed calls
    alternating the two layouts; medians. These figures decide ``packing``'s CUDA default.
+4. **Batch invariance.** Packed bf16 passes with ``batch_invariant`` off (the CUDA default) and on
+   (fixed row tiles, :mod:`rerank_core.invariant`): each query's documents scored one at a time,
+   in threes, and all queries in one call; reported: the largest |score difference| between
+   those, and pairs/s of the one-call form (medians of ``--repeats``), so the cost of invariance
+   on the GPU is measured next to what it removes.
 
 ``--varlen-stand-in`` runs the varlen path with ``rerank_core.varlen.reference_varlen_attn`` in
 place of torch's CUDA kernel: with ``--device cpu`` it smoke-runs every step of the script on CPU
@@ -224,6 +229,37 @@ def layouts(checkpoint: Path, device: torch.device, queries: int, docs: int, rep
     return out
 
 
+def invariance(checkpoint: Path, device: torch.device, queries: int, docs: int, repeats: int) -> dict:
+    """Scores alone, in threes and all together, packed bf16, batch_invariant off and on."""
+    requests = [(f"{bench_engine.QUERY} ({q})", bench_engine.workload_a(seed=q, count=docs)) for q in range(queries)]
+    pairs = queries * docs
+    variants, engines, out = {}, {}, {}
+    for invariant in (False, True):
+        name = f"invariant {'on' if invariant else 'off'}"
+        engine = load_engine(checkpoint, device, "bfloat16", True, batch_invariant=invariant)
+        encoded = [engine.encode(q, d) for q, d in requests]
+        engines[name] = (engine, encoded)
+        variants[name] = lambda engine=engine, encoded=encoded: engine.score_encoded(encoded)
+    measured = timed_medians(variants, device, repeats)
+    for name, (engine, _) in engines.items():
+        together = measured[name].result
+        # Two queries are enough to see the spread; one pass per document is slow on any device.
+        alone = [[engine.score(q, [doc])[0] for doc in d] for q, d in requests[:2]]
+        threes = [[s for i in range(0, len(d), 3) for s in engine.score(q, d[i:i + 3])] for q, d in requests[:2]]
+        diff = max(abs(a - b) for got, want in ((alone, together), (threes, together))
+                   for g, w in zip(got, want) for a, b in zip(g, w))
+        m = measured[name]
+        out[name] = {"path": engine_path(engine), "max_abs_diff_alone_threes_vs_together": diff,
+                     "median_s": m.median, "pairs_per_s": pairs / m.median, "all_s": m.all_s,
+                     "call_peak_gib": m.call_peak_gib}
+        print(f"[invariance] {name:13s} max |diff| alone/threes vs together {diff:.1e}  "
+              f"{pairs / m.median:9.1f} pairs/s  call peak {gib(m.call_peak_gib)}  ({engine_path(engine)})", flush=True)
+    cost = measured["invariant off"].median / measured["invariant on"].median
+    out["on/off pairs/s"] = cost
+    print(f"[invariance] on/off pairs/s: {cost:.2f}x", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
@@ -235,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_batch_tokens values for the layout comparison (default 4096,8192,16384,32768)")
     parser.add_argument("--varlen-stand-in", action="store_true",
                         help="packed engines use the varlen path with the CPU reference kernel (smoke runs)")
+    parser.add_argument("--steps", default="parity,throughput,layouts,invariance",
+                        help="which steps to run, comma-separated (default all four)")
+    parser.add_argument("--check-tolerance", type=float, default=None, metavar="X",
+                        help="the varlen start-up check's tolerance (default rerank_core.varlen's); random "
+                             "weights round further apart in bf16 than a released checkpoint does")
     parser.add_argument("--quick", action="store_true", help="2 queries x 8 documents, 2 repeats, budgets 1024,4096")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -258,11 +299,29 @@ def main(argv: list[str] | None = None) -> int:
 
     info["transformers"] = transformers.__version__
     print(f"[setup] {json.dumps(info)}", flush=True)
-    result = {"setup": info, "parity": parity(checkpoint, device),
-              "throughput": throughput(checkpoint, device, args.queries, args.docs, args.repeats),
-              "layouts": layouts(checkpoint, device, args.queries, args.docs, args.repeats, budgets)}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    steps = {
+        "parity": lambda: parity(checkpoint, device),
+        "throughput": lambda: throughput(checkpoint, device, args.queries, args.docs, args.repeats),
+        "layouts": lambda: layouts(checkpoint, device, args.queries, args.docs, args.repeats, budgets),
+        "invariance": lambda: invariance(checkpoint, device, args.queries, args.docs, args.repeats),
+    }
+    if args.check_tolerance is not None:
+        import functools
+
+        import rerank_core.reranker as reranker_module
+        from rerank_core.varlen import checked_scorer
+
+        reranker_module.checked_scorer = functools.partial(checked_scorer, tolerance=args.check_tolerance)
+    unknown = set(args.steps.split(",")) - set(steps)
+    if unknown:
+        parser.error(f"--steps: unknown {sorted(unknown)}; known: {list(steps)}")
+    result = {"setup": info}
+    for name, step in steps.items():
+        if name not in args.steps.split(","):
+            continue
+        result[name] = step()
+        if args.json:  # after each step, so that a run cut short keeps what it measured
+            args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -63,7 +63,8 @@ class ModelArgs(_Strict):
         None, ge=0, le=1, description="Largest share of padding in a padded forward pass (default: 0.1 on CPU, 0.5 on CUDA)."
     )
     packing: bool | None = Field(
-        None, description="Packed forward passes: rows joined without padding (default: on for CPU, off on CUDA)."
+        None, description="Packed forward passes: rows joined without padding (default: on for CPU, on for CUDA in bfloat16/float16, "
+        "off in float32 on CUDA)."
     )
     batch_invariant: bool | None = Field(
         None,

@@ -16,11 +16,12 @@ DEFAULT_MAX_BATCH_PAIRS = 64
 # already efficient, so padding is nearly pure waste; a GPU pass has a fixed cost that fuller
 # batches amortize.
 DEFAULT_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
-# Packed passes (rows concatenated without padding, attention run per row) by device type. On a
-# CPU they remove padding and make every matrix product large, which is faster; on a GPU the
-# per-row attention calls are small kernels launched one after another, so padded batches with
-# one attention call per layer are kept there.
-DEFAULT_PACKING = {"cpu": True}
+# Packed passes (rows concatenated without padding) by device type. On a CPU they remove padding
+# and make every matrix product large. On CUDA they run in half precision only, where attention
+# is one varlen kernel call per layer (rerank_core.varlen): on an H200, bf16, 1.12x the pairs/s of
+# padded passes with under half the memory per call (docs/benchmarks.md, "GPU"); in float32 CUDA
+# has no varlen kernel and per-row attention calls would be small kernels launched one by one.
+DEFAULT_PACKING = {"cpu": True, "cuda": True}
 # Batch-invariant linear layers (rerank_core.invariant) by device type: on a CPU they cost little
 # (docs/benchmarks.md) and make every score independent of what shares its forward pass.
 DEFAULT_BATCH_INVARIANT = {"cpu": True}
@@ -46,6 +47,8 @@ def cpu_has_native_bf16() -> bool:
 # "varlen", one variable-length flash-attention call per layer (CUDA, float16/bfloat16 only; see
 # rerank_core.varlen). The default is "varlen" where it can run, "segments" elsewhere.
 PACKED_ATTENTION = ("segments", "varlen")
+# The dtypes torch's varlen attention kernel takes.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class EngineConfig:
         max_padding: largest share of padding in a padded forward pass, in [0, 1]; ``None``: by
             device (:data:`DEFAULT_MAX_PADDING`, 0.5 for other devices).
         packing: run packed forward passes (no padding; see :mod:`rerank_core.packing`);
-            ``None``: by device (:data:`DEFAULT_PACKING`: on for CPU, off elsewhere).
+            ``None``: by device and dtype (:data:`DEFAULT_PACKING`: on for CPU, on for CUDA in
+            bfloat16/float16, off otherwise).
         batch_invariant: make each score independent of what else shares its forward pass, bit
             for bit (linear layers in fixed row tiles, :mod:`rerank_core.invariant`; needs packed
             passes); ``None``: by device (:data:`DEFAULT_BATCH_INVARIANT`: on for CPU packed
@@ -122,15 +126,17 @@ class EngineConfig:
             return self.max_padding
         return DEFAULT_MAX_PADDING.get(device.type, 0.5)
 
-    def packed(self, device: torch.device) -> bool:
-        """:attr:`packing`, with ``None`` resolved for the device the model is on."""
+    def packed(self, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+        """:attr:`packing`, with ``None`` resolved for the model's device and dtype."""
         if self.packing is not None:
             return self.packing
+        if device.type == "cuda" and dtype not in HALF_DTYPES:
+            return False
         return DEFAULT_PACKING.get(device.type, False)
 
-    def invariant(self, device: torch.device) -> bool:
+    def invariant(self, device: torch.device, dtype: torch.dtype | None = None) -> bool:
         """:attr:`batch_invariant`, with ``None`` resolved for the device (and layout) in use."""
-        if not self.packed(device):
+        if not self.packed(device, dtype):
             return False
         if self.batch_invariant is not None:
             return self.batch_invariant
@@ -140,8 +146,7 @@ class EngineConfig:
         """:attr:`packed_attention`, with ``None`` resolved for the model's device and dtype."""
         if self.packed_attention is not None:
             return self.packed_attention
-        half = dtype in (torch.float16, torch.bfloat16)
-        return "varlen" if device.type == "cuda" and half else "segments"
+        return "varlen" if device.type == "cuda" and dtype in HALF_DTYPES else "segments"
 
     def torch_dtype(self) -> torch.dtype:
         """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""

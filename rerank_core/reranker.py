@@ -84,10 +84,10 @@ class Reranker:
             return PairScorer(
                 model.get_decoder(), head, config.max_batch_tokens, config.max_batch_pairs,
                 config.share_prefix, config.padding_share(device), packing, packed_attention,
-                batch_invariant=packing and config.invariant(device), tile_rows=config.tile_rows,
+                batch_invariant=packing and config.invariant(device, parameter.dtype), tile_rows=config.tile_rows,
             )
 
-        packing = config.packed(device)
+        packing = config.packed(device, parameter.dtype)
         # Why the varlen packed path was replaced by padded passes at start-up (None: it was not).
         self.packed_check_failure: str | None = None
         if packing and config.packed_attention_for(device, parameter.dtype) == "varlen":

@@ -51,6 +51,8 @@ queries only) needs no gather: its own keys are the buffer.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -190,11 +192,35 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     q = query[0].transpose(0, 1).contiguous()
     k = _packed_keys(key[0].transpose(0, 1).contiguous(), 0, packed, module.layer_idx)
     v = _packed_keys(value[0].transpose(0, 1).contiguous(), 1, packed, module.layer_idx)
-    out = packed.kernel(
-        q, k, v, layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k,
-        scale=scaling, window_size=CAUSAL_WINDOW, enable_gqa=True,
-    )
-    return out[None], None
+    return call_kernel(packed.kernel, q, k, v, layout, scaling)[None], None
+
+
+@functools.lru_cache(maxsize=16)
+def _keywords(kernel: VarlenKernel) -> frozenset[str]:
+    """The keyword arguments ``kernel`` takes (``varlen_attn`` gained some across torch versions)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def call_kernel(kernel: VarlenKernel, q, k, v, layout: VarlenLayout, scale: float | None) -> torch.Tensor:
+    """``kernel(q, k, v, ...)`` causal, with grouped K/V heads, in the form this torch's takes.
+
+    torch 2.9-2.11's ``varlen_attn`` takes no ``enable_gqa``: K/V heads are then repeated to one
+    per query head (what ``enable_gqa`` does inside the kernel, at the cost of a copy). A kernel
+    with no ``window_size`` gets ``is_causal=True`` (flash aligns that to the bottom right too;
+    the start-up check in :func:`self_check` catches a kernel that does not).
+    """
+    words = _keywords(kernel)
+    kwargs = {"scale": scale} if "scale" in words else {}
+    if "window_size" in words:
+        kwargs["window_size"] = CAUSAL_WINDOW
+    else:
+        kwargs["is_causal"] = True
+    if "enable_gqa" in words:
+        kwargs["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return kernel(q, k, v, layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k, **kwargs)
 
 
 AttentionInterface.register(VARLEN_ATTENTION_NAME, varlen_attention)

@@ -232,7 +232,8 @@ def test_auto_device_dtype_and_padding_on_cpu(reranker, monkeypatch):
     assert EngineConfig(max_padding=0.3).padding_share(torch.device("cpu")) == 0.3
     assert config.padding_share(torch.device("cuda")) == 0.5
     assert reranker.scorer.packing is True
-    assert config.packed(torch.device("cuda")) is False
+    assert config.packed(torch.device("cuda"), torch.float32) is False
+    assert config.packed(torch.device("cuda"), torch.bfloat16) is True
     assert EngineConfig(packing=False).packed(torch.device("cpu")) is False
     assert reranker.device.type == "cpu"
     assert reranker.scorer.head.weight.dtype == torch.float32

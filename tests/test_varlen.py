@@ -334,8 +334,11 @@ def test_varlen_path_is_the_packed_default_only_on_cuda_in_half_precision(rerank
     assert config.packed_attention_for(cuda, torch.float32) == "segments"
     assert config.packed_attention_for(cpu, torch.bfloat16) == "segments"
     assert EngineConfig(packed_attention="segments").packed_attention_for(cuda, torch.bfloat16) == "segments"
-    # Packing itself stays off on CUDA until measured; on CPU the engine uses per-segment SDPA.
-    assert config.packed(cuda) is False
+    # Packing is on for CUDA in half precision (the varlen kernel), off in float32; on CPU the
+    # engine uses per-segment SDPA.
+    assert config.packed(cuda, torch.bfloat16) is True and config.packed(cuda, torch.float16) is True
+    assert config.packed(cuda, torch.float32) is False and config.packed(cuda) is False
+    assert EngineConfig(packing=True).packed(cuda, torch.float32) is True
     assert reranker.scorer.packed_attention is None and reranker.packed_check_failure is None
 
 
@@ -393,3 +396,24 @@ def test_varlen_bench_layouts_smoke_on_cpu(tiny_checkpoint, monkeypatch):
         assert row["max_abs_diff_vs_padded"] <= SELF_CHECK_TOLERANCE
         assert row["pairs_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_gib"] is None
     assert out["packed/padded budget=200"] > 0
+
+
+def _older_torch_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """varlen_attn as torch 2.9-2.11 define it: no ``enable_gqa``, so K/V heads must match."""
+    assert k.shape[1] == q.shape[1] == v.shape[1], "this kernel form takes one K/V head per query head"
+    return reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
+def _causal_flag_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
+    """A varlen kernel with a causal flag instead of a window (bottom-right aligned, as flash)."""
+    assert k.shape[1] == q.shape[1]
+    return reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0) if is_causal else (-1, -1))
+
+
+@pytest.mark.parametrize("kernel", [_older_torch_kernel, _causal_flag_kernel], ids=["no-enable_gqa", "is_causal"])
+def test_varlen_engine_with_older_kernel_signatures(tiny_checkpoint, reranker, kernel):
+    """The tiny model has fewer K/V heads than query heads: they are repeated for such kernels."""
+    engine = _load(tiny_checkpoint, kernel=kernel)
+    assert engine.packed_check_failure is None
+    assert isinstance(engine.scorer.packed_attention, VarlenAttention)
+    _close(_score(engine).scores, _score(reranker).scores)

@@ -28,6 +28,13 @@ Variants (``--variants``, comma-separated):
   nearly all page faults. An experiment, not a recommended setting: with ``mmap`` off, torch's
   aligned allocations fragment the heap and a long-running process can grow without bound
   (docs/benchmarks.md, "What is left, measured").
+* ``bf16-fresh-pages``, ``bf16-variant-fresh-pages``: ``bf16`` and ``bf16-variant`` with
+  ``reuse_freed_memory=False`` (glibc's own malloc settings: fresh pages for every layer's
+  activations, :mod:`rerank_core.memory`);
+* ``bf16-jemalloc``: ``bf16`` with jemalloc as in ``packed-jemalloc``;
+* ``bf16-keepfree``: ``bf16`` with glibc's mmap threshold fixed at its largest (32 MiB) and freed
+  heap memory kept (``MALLOC_TRIM_THRESHOLD_`` 2 GiB); blocks over 32 MiB still come from ``mmap``
+  and go back on ``free``;
 * ``packed-jemalloc``: ``packed`` with jemalloc preloaded (``LD_PRELOAD``; Debian/Ubuntu package
   ``libjemalloc2``) and told to keep freed memory (``MALLOC_CONF`` with decay off), the usual
   advice for CPU inference.
@@ -64,6 +71,16 @@ VARIANTS = {
         {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(1 << 30)},
     ),
     "packed-jemalloc": ({"packing": True}, {"LD_PRELOAD": "<jemalloc>", "MALLOC_CONF": JEMALLOC_CONF}),
+    "bf16-jemalloc": ({"packing": True, "dtype": "bfloat16"}, {"LD_PRELOAD": "<jemalloc>", "MALLOC_CONF": JEMALLOC_CONF}),
+    "bf16-fresh-pages": ({"packing": True, "dtype": "bfloat16", "reuse_freed_memory": False}, {}),
+    "bf16-variant-fresh-pages": (
+        {"packing": True, "dtype": "bfloat16", "batch_invariant": False, "reuse_freed_memory": False},
+        {},
+    ),
+    "bf16-keepfree": (
+        {"packing": True, "dtype": "bfloat16"},
+        {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)},
+    ),
 }
 
 

@@ -68,8 +68,8 @@ class ModelArgs(_Strict):
     )
     batch_invariant: bool | None = Field(
         None,
-        description="Scores bit-identical whatever else shares a forward pass (needs packing; default: on for "
-        "CPU, off on CUDA).",
+        description="Scores bit-identical whatever else shares a forward pass (needs packing; default: off; "
+        "costs about 15% of pairs/s on CPU).",
     )
     max_chunks_per_doc: int = Field(
         1, ge=1, description="Default most windows per long document; its score is the best window's "

@@ -22,9 +22,11 @@ DEFAULT_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
 # padded passes with under half the memory per call (docs/benchmarks.md, "GPU"); in float32 CUDA
 # has no varlen kernel and per-row attention calls would be small kernels launched one by one.
 DEFAULT_PACKING = {"cpu": True, "cuda": True}
-# Batch-invariant linear layers (rerank_core.invariant) by device type: on a CPU they cost little
-# (docs/benchmarks.md) and make every score independent of what shares its forward pass.
-DEFAULT_BATCH_INVARIANT = {"cpu": True}
+# Batch-invariant linear layers (rerank_core.invariant) by device type: off everywhere, an option.
+# They make every score independent of what shares its forward pass, at a measured cost of about
+# 15 % of pairs/s on CPU in bf16 (fixed 256-row tiles multiply slower than one large product) and
+# 3.3x on an H200 (docs/benchmarks.md).
+DEFAULT_BATCH_INVARIANT: dict[str, bool] = {}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -71,8 +73,8 @@ class EngineConfig:
             bfloat16/float16, off otherwise).
         batch_invariant: make each score independent of what else shares its forward pass, bit
             for bit (linear layers in fixed row tiles, :mod:`rerank_core.invariant`; needs packed
-            passes); ``None``: by device (:data:`DEFAULT_BATCH_INVARIANT`: on for CPU packed
-            passes, off elsewhere).
+            passes); ``None``: by device (:data:`DEFAULT_BATCH_INVARIANT`: off everywhere; it
+            costs about 15 % of pairs/s on CPU, docs/benchmarks.md).
         tile_rows: rows per matrix product of the batch-invariant linear layers.
         packed_attention: how packed passes run attention, one of :data:`PACKED_ATTENTION`;
             ``None``: ``"varlen"`` on CUDA in float16/bfloat16, ``"segments"`` otherwise. The
@@ -81,6 +83,9 @@ class EngineConfig:
         max_chunks_per_doc: default most windows per document (:mod:`rerank_core.windows`);
             1 scores the tail-truncated document, as the model card does.
         chunk_overlap_tokens: tokens shared by consecutive windows of a document.
+        reuse_freed_memory: on CPU with glibc, reuse freed activations from layer to layer
+            instead of faulting fresh pages in, and return free pages after each call
+            (:mod:`rerank_core.memory`; process-wide malloc settings). No effect elsewhere.
     """
 
     device: str = "auto"
@@ -96,6 +101,7 @@ class EngineConfig:
     packed_attention: str | None = None
     max_chunks_per_doc: int = 1
     chunk_overlap_tokens: int = 0
+    reuse_freed_memory: bool = True
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:

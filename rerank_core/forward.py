@@ -33,6 +33,7 @@ import torch
 from .batching import plan_batches, plan_packed
 from .head import YesNoHead, probabilities
 from .invariant import DEFAULT_TILE_ROWS, tile_linear_layers
+from .memory import release_freed_memory, reuse_freed_memory
 from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
 
@@ -118,6 +119,8 @@ class PairScorer:
             (:mod:`rerank_core.invariant`), and a query's shared part always runs as a prefix,
             also for a single document, so that a document takes the same path alone or not.
         tile_rows: rows per matrix product of the batch-invariant linear layers.
+        reuse_memory: on CPU, let glibc reuse freed activations from layer to layer and hand the
+            free pages back after each :meth:`score` call (:mod:`rerank_core.memory`).
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class PairScorer:
         packed_attention=None,
         batch_invariant: bool = False,
         tile_rows: int = DEFAULT_TILE_ROWS,
+        reuse_memory: bool = False,
     ):
         layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -157,14 +161,22 @@ class PairScorer:
         # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
         params = inspect.signature(backbone.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.reuse_memory = reuse_memory and self.device.type == "cpu" and reuse_freed_memory()
 
-    @torch.inference_mode()
     def score(self, queries: Sequence[EncodedQuery]) -> BatchScores:
         """``logit_yes - logit_no`` for every document of every query, in input order.
 
         Each document's score depends only on its own query and text, never on what else shares
         its batch.
         """
+        try:
+            return self._score(queries)
+        finally:
+            if self.reuse_memory:
+                release_freed_memory()
+
+    @torch.inference_mode()
+    def _score(self, queries: Sequence[EncodedQuery]) -> BatchScores:
         rows = [(q, d) for q, query in enumerate(queries) for d in range(len(query.documents))]
         scores = [[0.0] * len(query.documents) for query in queries]
         if not rows:

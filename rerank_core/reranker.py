@@ -85,6 +85,7 @@ class Reranker:
                 model.get_decoder(), head, config.max_batch_tokens, config.max_batch_pairs,
                 config.share_prefix, config.padding_share(device), packing, packed_attention,
                 batch_invariant=packing and config.invariant(device, parameter.dtype), tile_rows=config.tile_rows,
+                reuse_memory=config.reuse_freed_memory,
             )
 
         packing = config.packed(device, parameter.dtype)

@@ -67,12 +67,12 @@ def test_tile_linear_layers_replaces_every_linear_layer():
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def engine(request, tiny_checkpoint):
     # Small budgets so that the big call runs several passes of different sizes.
-    config = EngineConfig(max_batch_tokens=700, max_batch_pairs=6)
+    config = EngineConfig(max_batch_tokens=700, max_batch_pairs=6, batch_invariant=True)
     return Reranker.load(str(tiny_checkpoint), device="cpu", dtype=request.param, config=config)
 
 
 def test_scores_are_bit_identical_alone_in_threes_and_in_big_passes(engine):
-    assert engine.scorer.batch_invariant and engine.scorer.packing  # the CPU default
+    assert engine.scorer.batch_invariant and engine.scorer.packing
     docs = _documents()
     together = engine.score(QUERY, docs)
     alone = [engine.score(QUERY, [doc])[0] for doc in docs]

@@ -24,7 +24,8 @@ SEED_DOCS = [
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tiny_checkpoint):
-    serve.run(build_app(app_args(tiny_checkpoint)), name="main", route_prefix="/")
+    # Batch-invariant, so that the batching test can ask for the very same numbers alone.
+    serve.run(build_app(app_args(tiny_checkpoint, model={"batch_invariant": True})), name="main", route_prefix="/")
     yield ray_cluster
     serve.delete("main")
 

@@ -131,8 +131,13 @@ def parity(checkpoint: Path, device: torch.device) -> dict:
     return out
 
 
+def workload(queries: int, docs: int) -> list[tuple[str, list[str]]]:
+    """``queries`` (query, documents) requests of ``docs`` documents of 30..300 words, seeded."""
+    return [(f"{bench_engine.QUERY} ({q})", bench_engine.workload_a(seed=q, count=docs)) for q in range(queries)]
+
+
 def throughput(checkpoint: Path, device: torch.device, queries: int, docs: int, repeats: int) -> dict:
-    requests = [(f"{bench_engine.QUERY} ({q})", bench_engine.workload_a(seed=q, count=docs)) for q in range(queries)]
+    requests = workload(queries, docs)
     pairs = queries * docs
     variants = {}
     for packing in (False, True):
@@ -192,7 +197,7 @@ def timed_medians(variants: dict, device: torch.device, repeats: int) -> dict[st
 
 def layouts(checkpoint: Path, device: torch.device, queries: int, docs: int, repeats: int, budgets: list[int]) -> dict:
     """Padded against packed passes, bf16, at each token budget."""
-    requests = [(f"{bench_engine.QUERY} ({q})", bench_engine.workload_a(seed=q, count=docs)) for q in range(queries)]
+    requests = workload(queries, docs)
     pairs = queries * docs
     out = {}
     for budget in budgets:
@@ -231,7 +236,7 @@ def layouts(checkpoint: Path, device: torch.device, queries: int, docs: int, rep
 
 def invariance(checkpoint: Path, device: torch.device, queries: int, docs: int, repeats: int) -> dict:
     """Scores alone, in threes and all together, packed bf16, batch_invariant off and on."""
-    requests = [(f"{bench_engine.QUERY} ({q})", bench_engine.workload_a(seed=q, count=docs)) for q in range(queries)]
+    requests = workload(queries, docs)
     pairs = queries * docs
     variants, engines, out = {}, {}, {}
     for invariant in (False, True):

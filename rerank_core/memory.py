@@ -15,8 +15,9 @@ call: the pages are faulted in once per call instead of once per layer, and a pr
 memory never holds more than a call's peak, however its heap is fragmented. Keeping freed memory
 without the trim is what made the heap grow without bound in an earlier experiment (mmap off).
 
-Both are no-ops (returning ``False``) where the C library is not glibc (musl, macOS) or a
-preloaded allocator such as jemalloc has taken ``malloc`` over: the settings then do nothing.
+Both are no-ops (returning ``False``) where the C library is not glibc (musl, macOS). Where a
+preloaded allocator such as jemalloc has taken ``malloc`` over, glibc still accepts the settings
+(so they return ``True``), but they have no effect: that allocator reuses freed memory itself.
 """
 
 from __future__ import annotations

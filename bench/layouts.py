@@ -15,12 +15,15 @@ first, its minor page faults per call, and the largest score difference to the f
 
 Variants (``--variants``, comma-separated):
 
-* ``packed``: the CPU default layout (:mod:`rerank_core.packing`), fp32, batch-invariant;
-* ``packed-variant``: ``packed`` without batch invariance (``batch_invariant=False``: plain
-  linear layers, a single document's query runs as one whole pair);
-* ``bf16``: ``packed`` in bfloat16 (the default dtype on CPUs with AMX or AVX512-BF16);
-* ``bf16-variant``: ``bf16`` without batch invariance;
-* ``bf16-tile128``, ``bf16-tile512``: ``bf16`` with 128 / 512 rows per linear-layer tile
+* ``packed``: the CPU default layout (:mod:`rerank_core.packing`), fp32;
+* ``packed-variant``: ``packed`` with ``batch_invariant=False`` spelled out (the default since
+  batch invariance became an option; before, it was ``packed`` without invariance);
+* ``bf16``: ``packed`` in bfloat16 with the CPU defaults (the default dtype on CPUs with AMX or
+  AVX512-BF16; RMSNorms compiled, :mod:`rerank_core.fused`);
+* ``bf16-variant``: ``bf16`` with ``batch_invariant=False`` spelled out;
+* ``bf16-invariant``: ``bf16`` with batch-invariant linear layers (``batch_invariant=True``);
+* ``bf16-eager-norms``: ``bf16`` with transformers' eager RMSNorms (``fuse_norms=False``);
+* ``bf16-tile128``, ``bf16-tile512``: ``bf16-invariant`` with 128 / 512 rows per linear-layer tile
   (default 256);
 * ``padded``: ``EngineConfig(packing=False)``, length-sorted padded batches (10 % padding cap);
 * ``packed-malloc``: ``packed`` with glibc told to keep freed memory
@@ -63,8 +66,10 @@ VARIANTS = {
     "packed-variant": ({"packing": True, "batch_invariant": False}, {}),
     "bf16": ({"packing": True, "dtype": "bfloat16"}, {}),
     "bf16-variant": ({"packing": True, "dtype": "bfloat16", "batch_invariant": False}, {}),
-    "bf16-tile128": ({"packing": True, "dtype": "bfloat16", "tile_rows": 128}, {}),
-    "bf16-tile512": ({"packing": True, "dtype": "bfloat16", "tile_rows": 512}, {}),
+    "bf16-invariant": ({"packing": True, "dtype": "bfloat16", "batch_invariant": True}, {}),
+    "bf16-eager-norms": ({"packing": True, "dtype": "bfloat16", "fuse_norms": False}, {}),
+    "bf16-tile128": ({"packing": True, "dtype": "bfloat16", "batch_invariant": True, "tile_rows": 128}, {}),
+    "bf16-tile512": ({"packing": True, "dtype": "bfloat16", "batch_invariant": True, "tile_rows": 512}, {}),
     "padded": ({"packing": False}, {}),
     "packed-malloc": (
         {"packing": True},

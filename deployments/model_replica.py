@@ -60,6 +60,7 @@ class ModelReplica:
             max_padding=model.max_padding,
             packing=model.packing,
             batch_invariant=model.batch_invariant,
+            fuse_norms=model.fuse_norms,
             max_chunks_per_doc=model.max_chunks_per_doc,
             chunk_overlap_tokens=model.chunk_overlap_tokens,
         )

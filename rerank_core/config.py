@@ -27,6 +27,10 @@ DEFAULT_PACKING = {"cpu": True, "cuda": True}
 # 15 % of pairs/s on CPU in bf16 (fixed 256-row tiles multiply slower than one large product) and
 # 3.3x on an H200 (docs/benchmarks.md).
 DEFAULT_BATCH_INVARIANT: dict[str, bool] = {}
+# Compiled RMSNorm kernels (rerank_core.fused) by device type, in bfloat16/float16. On CPU in bf16
+# they made a call 1.30x faster (docs/benchmarks.md); in float32 the norms are a small share and
+# the exact mode stays eager. CUDA would need Triton and is not measured: off.
+DEFAULT_FUSE_NORMS = {"cpu": True}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -86,6 +90,10 @@ class EngineConfig:
         reuse_freed_memory: on CPU with glibc, reuse freed activations from layer to layer
             instead of faulting fresh pages in, and return free pages after each call
             (:mod:`rerank_core.memory`; process-wide malloc settings). No effect elsewhere.
+        fuse_norms: run the RMSNorms as compiled kernels (:mod:`rerank_core.fused`;
+            ``torch.compile``, needs a C++ compiler on CPU; compiled at start-up, eager norms
+            kept if compiling fails); ``None``: by device and dtype (:data:`DEFAULT_FUSE_NORMS`:
+            on for CPU in bfloat16/float16, off otherwise).
     """
 
     device: str = "auto"
@@ -102,6 +110,7 @@ class EngineConfig:
     max_chunks_per_doc: int = 1
     chunk_overlap_tokens: int = 0
     reuse_freed_memory: bool = True
+    fuse_norms: bool | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -147,6 +156,12 @@ class EngineConfig:
         if self.batch_invariant is not None:
             return self.batch_invariant
         return DEFAULT_BATCH_INVARIANT.get(device.type, False)
+
+    def fused_norms(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """:attr:`fuse_norms`, with ``None`` resolved for the model's device and dtype."""
+        if self.fuse_norms is not None:
+            return self.fuse_norms
+        return dtype in HALF_DTYPES and DEFAULT_FUSE_NORMS.get(device.type, False)
 
     def packed_attention_for(self, device: torch.device, dtype: torch.dtype) -> str:
         """:attr:`packed_attention`, with ``None`` resolved for the model's device and dtype."""

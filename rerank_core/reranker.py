@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from dataclasses import replace
 
 from .config import EngineConfig
 from .forward import PairScorer
+from .fused import fuse_rms_norms, unfuse_rms_norms
 from .head import YesNoHead, answer_token_ids
 from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
@@ -16,6 +18,8 @@ from .ranking import RankResult, rank
 from .registry import TOKENIZER_FILES, ModelSourceError, resolve_source
 from .varlen import VarlenAttention, checked_scorer
 from .windows import DocumentScores, WindowedQuery
+
+log = logging.getLogger(__name__)
 
 _PROBE = ("What is the capital of France?", "Paris is the capital and largest city of France.")
 
@@ -98,7 +102,22 @@ class Reranker:
         else:
             self.scorer = scorer(packing)
         self.device = device
-        self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
+        # Why compiled norms were asked for but the eager ones run (None: they were not).
+        self.fused_norms_failure: str | None = None
+        decoder = model.get_decoder()
+        fuse = config.fused_norms(device, parameter.dtype) and fuse_rms_norms(decoder) > 0
+        try:
+            # The probe also compiles the fused norms now rather than in the first request.
+            self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
+        except Exception as e:  # noqa: BLE001  (any compile failure: a missing compiler, an inductor bug)
+            if not fuse:
+                raise
+            unfuse_rms_norms(decoder)
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            self.fused_norms_failure = f"{type(e).__name__}: {first_line}"
+            log.warning("compiled RMSNorm failed (%s); running the eager norms", self.fused_norms_failure)
+            self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
+        self.fused_norms = fuse and self.fused_norms_failure is None
 
     @classmethod
     def load(

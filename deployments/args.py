@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rerank_core.config import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS
+from rerank_core.config import DEFAULT_MAX_BATCH_PAIRS, DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from rerank_core.prompt import DEFAULT_MAX_LENGTH
 
 DEFAULT_MAX_DOCUMENTS = 1000
@@ -89,6 +89,22 @@ class ModelArgs(_Strict):
         description="Serve deployment options of this model's replicas (num_replicas, "
         "autoscaling_config, ray_actor_options, max_ongoing_requests, max_queued_requests, ...).",
     )
+
+    def engine_config(self) -> EngineConfig:
+        """The engine settings of this model's replicas."""
+        return EngineConfig(
+            device=self.device,
+            dtype=self.dtype,
+            max_length=self.max_length,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_pairs=self.max_batch_pairs,
+            max_padding=self.max_padding,
+            packing=self.packing,
+            batch_invariant=self.batch_invariant,
+            fuse_norms=self.fuse_norms,
+            max_chunks_per_doc=self.max_chunks_per_doc,
+            chunk_overlap_tokens=self.chunk_overlap_tokens,
+        )
 
 
 class AppArgs(_Strict):

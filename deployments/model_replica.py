@@ -14,7 +14,7 @@ import logging
 import ray
 from ray import serve
 
-from rerank_core import EncodedQuery, EngineConfig, Reranker
+from rerank_core import EncodedQuery, Reranker
 
 from .args import BatchingArgs, ModelArgs
 from .metrics import ReplicaMetrics
@@ -51,19 +51,7 @@ class ModelReplica:
     def __init__(self, model: ModelArgs, min_batch_size: int = 1):
         self.name = model.name
         self.min_batch_size = min_batch_size
-        config = EngineConfig(
-            device=model.device,
-            dtype=model.dtype,
-            max_length=model.max_length,
-            max_batch_tokens=model.max_batch_tokens,
-            max_batch_pairs=model.max_batch_pairs,
-            max_padding=model.max_padding,
-            packing=model.packing,
-            batch_invariant=model.batch_invariant,
-            fuse_norms=model.fuse_norms,
-            max_chunks_per_doc=model.max_chunks_per_doc,
-            chunk_overlap_tokens=model.chunk_overlap_tokens,
-        )
+        config = model.engine_config()
         self.engine = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir, config=config)
         self.metrics = ReplicaMetrics(model.name)
         self.stats_ = ReplicaStats()

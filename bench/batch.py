@@ -8,7 +8,7 @@ Run from the repository root:
 
 The workload is ``--queries`` query rows of ``--docs`` documents of 30..300 words each (the
 workload of ``bench/serve.py``), written to a JSONL file. Both sides run on this machine's CPUs
-in float32:
+in ``--dtype`` (default float32):
 
 * **batch**: :func:`rerank_batch.rerank_file` on a local Ray instance started here, end to end:
   read, tokenize, score with ``N`` actors of ``cores / N`` CPUs each (as many torch threads),
@@ -41,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 from bench.serve import ensure_checkpoint, make_requests  # noqa: E402  (the same workload and checkpoint)
 
 
-def run_batch(source: Path, workdir: Path, checkpoint: str, actors: int, cores: int) -> dict:
+def run_batch(source: Path, workdir: Path, checkpoint: str, actors: int, cores: int, dtype: str) -> dict:
     from rerank_batch import ModelOptions, Workers, rerank_file
 
     output = Path(tempfile.mkdtemp(dir=workdir)) / "out"
     workers = Workers(concurrency=actors, num_cpus=max(1, cores // actors), tokenize_cpus=1)
     started = time.perf_counter()
-    rerank_file(str(source), str(output), ModelOptions(checkpoint, device="cpu", dtype="float32"),
+    rerank_file(str(source), str(output), ModelOptions(checkpoint, device="cpu", dtype=dtype),
                 workers=workers, progress=False)
     return {"seconds": time.perf_counter() - started}
 
@@ -67,6 +67,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--actors", type=int, nargs="+", default=[1], help="actor counts to measure")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs shared by the actors")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of direct + batch")
+    parser.add_argument("--dtype", default="float32", help="engine dtype on both sides (default float32; "
+                        "auto: bf16 on CPUs with AMX or AVX512-BF16)")
     parser.add_argument("--quick", action="store_true", help="tiny checkpoint, few rows, one round")
     parser.add_argument("--json", help="also write the figures to this file")
     opts = parser.parse_args(argv)
@@ -89,14 +91,14 @@ def main(argv=None) -> dict:
     ray.init(num_cpus=opts.cores + 1, include_dashboard=False, log_to_driver=False)
     torch.set_num_threads(max(1, opts.cores // min(opts.actors)))  # what one actor of the smallest pool gets
     started = time.perf_counter()
-    engine = Reranker.load(checkpoint, device="cpu", dtype="float32")
+    engine = Reranker.load(checkpoint, device="cpu", dtype=opts.dtype)
     load_seconds = time.perf_counter() - started
     engine.score(rows[0]["query"], rows[0]["documents"])  # warm-up
     direct, batch = [], {n: [] for n in opts.actors}
     for _ in range(opts.repeats):
         direct.append(run_direct(engine, rows))
         for n in opts.actors:
-            batch[n].append(run_batch(source, workdir, checkpoint, n, opts.cores))
+            batch[n].append(run_batch(source, workdir, checkpoint, n, opts.cores, opts.dtype))
     ray.shutdown()
 
     direct_s = statistics.median(r["seconds"] for r in direct)
@@ -105,6 +107,7 @@ def main(argv=None) -> dict:
         "query_rows": opts.queries,
         "pairs": pairs,
         "cores": opts.cores,
+        "dtype": opts.dtype,
         "repeats": opts.repeats,
         "torch_threads_direct": torch.get_num_threads(),
         "direct_pairs_per_s": pairs / direct_s,

@@ -74,7 +74,7 @@ class ModelArgs(_Strict):
     fuse_norms: bool | None = Field(
         None,
         description="RMSNorms as compiled kernels (torch.compile, compiled at start-up; default: on for CPU in "
-        "bfloat16/float16, where a call ran 1.3x faster; eager norms if compiling fails).",
+        "bfloat16/float16, where a call ran 1.08x faster; eager norms if compiling fails).",
     )
     max_chunks_per_doc: int = Field(
         1, ge=1, description="Default most windows per long document; its score is the best window's "

@@ -28,7 +28,7 @@ DEFAULT_PACKING = {"cpu": True, "cuda": True}
 # 3.3x on an H200 (docs/benchmarks.md).
 DEFAULT_BATCH_INVARIANT: dict[str, bool] = {}
 # Compiled RMSNorm kernels (rerank_core.fused) by device type, in bfloat16/float16. On CPU in bf16
-# they made a call 1.30x faster (docs/benchmarks.md); in float32 the norms are a small share and
+# they made a call 1.08x faster (docs/benchmarks.md); in float32 the norms are a small share and
 # the exact mode stays eager. CUDA would need Triton and is not measured: off.
 DEFAULT_FUSE_NORMS = {"cpu": True}
 

@@ -46,6 +46,13 @@ if str(ROOT) not in sys.path:
 
 from bench.engine import DEFAULT_CHECKPOINT, QUERY, ensure_checkpoint, workload_a  # noqa: E402
 
+# How vLLM scores the original Qwen3-Reranker checkpoints (a classifier from the yes/no rows).
+VLLM_OVERRIDES = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+                  "is_original_qwen3_reranker": True}
+# Two compute threads bound to the 2 cores, none reserved for its API process; 4 GiB of KV cache.
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4",
+            "TOKENIZERS_PARALLELISM": "false"}
+
 # The child that runs inside vLLM's environment: it imports nothing from this project.
 VLLM_CHILD = r"""
 import json, os, sys, time
@@ -54,8 +61,7 @@ from vllm import LLM
 llm = LLM(
     model=spec["checkpoint"], runner="pooling", dtype=spec["dtype"], enforce_eager=True,
     max_model_len=spec["max_length"],
-    hf_overrides={"architectures": ["Qwen3ForSequenceClassification"],
-                  "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True},
+    hf_overrides=spec["hf_overrides"],
 )
 def call(documents):
     outputs = llm.score(spec["query_text"], documents, use_tqdm=False)
@@ -103,8 +109,7 @@ def run_child(system: str, dtype: str, spec: dict, vllm_python: str | None) -> d
             env = dict(os.environ)
         else:
             command = [vllm_python, "-c", VLLM_CHILD, spec_path]
-            env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                   "VLLM_CPU_KVCACHE_SPACE": "4", "TOKENIZERS_PARALLELISM": "false"}
+            env = {**os.environ, **VLLM_ENV}
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     finally:
         os.unlink(spec_path)
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     query_text, _ = formatted(QUERY, [])
     spec = {"checkpoint": str(checkpoint), "query": QUERY, "max_length": args.max_length, "warmup": warmup,
             "calls": calls}
-    vllm_spec = {**spec, "query_text": query_text, "warmup": formatted(QUERY, warmup)[1],
+    vllm_spec = {**spec, "hf_overrides": VLLM_OVERRIDES, "query_text": query_text, "warmup": formatted(QUERY, warmup)[1],
                  "calls": [formatted(QUERY, c)[1] for c in calls]}
     # The fp32 engine always runs first: the reference for every score difference.
     runs = [("engine", "float32")] + [(s, d) for d in dtypes for s in systems if (s, d) != ("engine", "float32")]

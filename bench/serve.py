@@ -121,8 +121,6 @@ if __name__ == "__main__":
     sys.argv = ["vllm", "serve"] + sys.argv[1:]
     main()
 """
-VLLM_OVERRIDES = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
-                  "is_original_qwen3_reranker": True}
 
 
 def start_vllm(python: str, checkpoint: str, dtype: str, port: int, log_path: Path) -> subprocess.Popen:
@@ -131,8 +129,10 @@ def start_vllm(python: str, checkpoint: str, dtype: str, port: int, log_path: Pa
 
     script = log_path.with_suffix(".py")
     script.write_text(VLLM_SERVER)
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4", "TOKENIZERS_PARALLELISM": "false"}
+    from bench.peers import VLLM_ENV, VLLM_OVERRIDES
+
+    # The version patch hides the "+cpu" tag vLLM's platform detection looks for: name the device.
+    env = {**os.environ, **VLLM_ENV, "VLLM_TARGET_DEVICE": "cpu"}
     command = [python, str(script), checkpoint, "--runner", "pooling", "--dtype", dtype, "--enforce-eager",
                "--max-model-len", "8192", "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "m",
                "--hf-overrides", json.dumps(VLLM_OVERRIDES)]

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from .config import EngineConfig
 from .forward import PairScorer
-from .fused import fuse_rms_norms, unfuse_rms_norms
+from .fused import fuse_rms_norms, fused, unfuse_rms_norms
 from .head import YesNoHead, answer_token_ids
 from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
@@ -117,7 +117,11 @@ class Reranker:
             self.fused_norms_failure = f"{type(e).__name__}: {first_line}"
             log.warning("compiled RMSNorm failed (%s); running the eager norms", self.fused_norms_failure)
             self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
-        self.fused_norms = fuse and self.fused_norms_failure is None
+
+    @property
+    def fused_norms(self) -> bool:
+        """Whether the RMSNorms run as compiled kernels (:mod:`rerank_core.fused`)."""
+        return fused(self.scorer.backbone)
 
     @classmethod
     def load(

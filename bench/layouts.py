@@ -19,10 +19,10 @@ Variants (``--variants``, comma-separated):
 * ``packed-variant``: ``packed`` with ``batch_invariant=False`` spelled out (the default since
   batch invariance became an option; before, it was ``packed`` without invariance);
 * ``bf16``: ``packed`` in bfloat16 with the CPU defaults (the default dtype on CPUs with AMX or
-  AVX512-BF16; RMSNorms compiled, :mod:`rerank_core.fused`);
+  AVX512-BF16; decoder layers compiled, :mod:`rerank_core.compiled`);
 * ``bf16-variant``: ``bf16`` with ``batch_invariant=False`` spelled out;
 * ``bf16-invariant``: ``bf16`` with batch-invariant linear layers (``batch_invariant=True``);
-* ``bf16-eager-norms``: ``bf16`` with transformers' eager RMSNorms (``fuse_norms=False``);
+* ``bf16-eager``: ``bf16`` with transformers' eager decoder layers (``compile_layers=False``);
 * ``bf16-tile128``, ``bf16-tile512``: ``bf16-invariant`` with 128 / 512 rows per linear-layer tile
   (default 256);
 * ``padded``: ``EngineConfig(packing=False)``, length-sorted padded batches (10 % padding cap);
@@ -67,7 +67,7 @@ VARIANTS = {
     "bf16": ({"packing": True, "dtype": "bfloat16"}, {}),
     "bf16-variant": ({"packing": True, "dtype": "bfloat16", "batch_invariant": False}, {}),
     "bf16-invariant": ({"packing": True, "dtype": "bfloat16", "batch_invariant": True}, {}),
-    "bf16-eager-norms": ({"packing": True, "dtype": "bfloat16", "fuse_norms": False}, {}),
+    "bf16-eager": ({"packing": True, "dtype": "bfloat16", "compile_layers": False}, {}),
     "bf16-tile128": ({"packing": True, "dtype": "bfloat16", "batch_invariant": True, "tile_rows": 128}, {}),
     "bf16-tile512": ({"packing": True, "dtype": "bfloat16", "batch_invariant": True, "tile_rows": 512}, {}),
     "padded": ({"packing": False}, {}),

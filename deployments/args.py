@@ -71,10 +71,10 @@ class ModelArgs(_Strict):
         description="Scores bit-identical whatever else shares a forward pass (needs packing; default: off; "
         "costs about 15% of pairs/s on CPU).",
     )
-    fuse_norms: bool | None = Field(
+    compile_layers: bool | None = Field(
         None,
-        description="RMSNorms as compiled kernels (torch.compile, compiled at start-up; default: on for CPU in "
-        "bfloat16/float16, where a call ran 1.08x faster; eager norms if compiling fails).",
+        description="Decoder layers compiled by torch.compile, attention left eager (compiled at start-up; "
+        "default: on for CPU in bfloat16/float16 with packed passes; eager layers if compiling fails).",
     )
     max_chunks_per_doc: int = Field(
         1, ge=1, description="Default most windows per long document; its score is the best window's "
@@ -101,7 +101,7 @@ class ModelArgs(_Strict):
             max_padding=self.max_padding,
             packing=self.packing,
             batch_invariant=self.batch_invariant,
-            fuse_norms=self.fuse_norms,
+            compile_layers=self.compile_layers,
             max_chunks_per_doc=self.max_chunks_per_doc,
             chunk_overlap_tokens=self.chunk_overlap_tokens,
         )

@@ -27,10 +27,11 @@ DEFAULT_PACKING = {"cpu": True, "cuda": True}
 # 15 % of pairs/s on CPU in bf16 (fixed 256-row tiles multiply slower than one large product) and
 # 3.3x on an H200 (docs/benchmarks.md).
 DEFAULT_BATCH_INVARIANT: dict[str, bool] = {}
-# Compiled RMSNorm kernels (rerank_core.fused) by device type, in bfloat16/float16. On CPU in bf16
-# they made a call 1.08x faster (docs/benchmarks.md); in float32 the norms are a small share and
-# the exact mode stays eager. CUDA would need Triton and is not measured: off.
-DEFAULT_FUSE_NORMS = {"cpu": True}
+# Compiled decoder layers (rerank_core.compiled) by device type, in bfloat16/float16 and packed
+# passes. On CPU in bf16 they fuse the norms, RoPE, SwiGLU and residual adds between the matrix
+# products (docs/benchmarks.md); in float32 that work is a small share and the exact mode stays
+# eager. CUDA would need Triton and is not measured: off.
+DEFAULT_COMPILE_LAYERS = {"cpu": True}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -90,10 +91,11 @@ class EngineConfig:
         reuse_freed_memory: on CPU with glibc, reuse freed activations from layer to layer
             instead of faulting fresh pages in, and return free pages after each call
             (:mod:`rerank_core.memory`; process-wide malloc settings). No effect elsewhere.
-        fuse_norms: run the RMSNorms as compiled kernels (:mod:`rerank_core.fused`;
-            ``torch.compile``, needs a C++ compiler on CPU; compiled at start-up, eager norms
-            kept if compiling fails); ``None``: by device and dtype (:data:`DEFAULT_FUSE_NORMS`:
-            on for CPU in bfloat16/float16, off otherwise).
+        compile_layers: run each decoder layer compiled by ``torch.compile``, attention left
+            eager (:mod:`rerank_core.compiled`; needs a C++ compiler on CPU; compiled at
+            start-up, eager layers kept if compiling fails; packed passes only); ``None``: by
+            device and dtype (:data:`DEFAULT_COMPILE_LAYERS`: on for CPU in bfloat16/float16, off
+            otherwise).
     """
 
     device: str = "auto"
@@ -110,7 +112,7 @@ class EngineConfig:
     max_chunks_per_doc: int = 1
     chunk_overlap_tokens: int = 0
     reuse_freed_memory: bool = True
-    fuse_norms: bool | None = None
+    compile_layers: bool | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -157,11 +159,16 @@ class EngineConfig:
             return self.batch_invariant
         return DEFAULT_BATCH_INVARIANT.get(device.type, False)
 
-    def fused_norms(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """:attr:`fuse_norms`, with ``None`` resolved for the model's device and dtype."""
-        if self.fuse_norms is not None:
-            return self.fuse_norms
-        return dtype in HALF_DTYPES and DEFAULT_FUSE_NORMS.get(device.type, False)
+    def compiled_layers(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """:attr:`compile_layers`, with ``None`` resolved for the model's device and dtype.
+
+        Always False for padded passes (:meth:`packed`), which are never compiled.
+        """
+        if not self.packed(device, dtype):
+            return False
+        if self.compile_layers is not None:
+            return self.compile_layers
+        return dtype in HALF_DTYPES and DEFAULT_COMPILE_LAYERS.get(device.type, False)
 
     def packed_attention_for(self, device: torch.device, dtype: torch.dtype) -> str:
         """:attr:`packed_attention`, with ``None`` resolved for the model's device and dtype."""

@@ -70,6 +70,9 @@ class TiledLinear(torch.nn.Module):
             return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return F.linear(rows, self.weight, self.bias)
 
+    # A graph break under torch.compile (rerank_core.compiled): the loop over tiles depends on
+    # the number of rows, which would otherwise force a recompilation per pass size.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         n, tile = rows.shape[0], self.tile_rows

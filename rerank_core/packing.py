@@ -95,6 +95,8 @@ class Segments:
         return self._masks[key]
 
 
+# A graph break under torch.compile (rerank_core.compiled): a Python loop over the pass's layout.
+@torch.compiler.disable
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for a packed row (``attention_mask`` is :class:`Segments`); SDPA otherwise.
 

@@ -8,9 +8,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 
+from .compiled import compile_layers, compiled, uncompile_layers
 from .config import EngineConfig
 from .forward import PairScorer
-from .fused import fuse_rms_norms, fused, unfuse_rms_norms
 from .head import YesNoHead, answer_token_ids
 from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
@@ -102,26 +102,29 @@ class Reranker:
         else:
             self.scorer = scorer(packing)
         self.device = device
-        # Why compiled norms were asked for but the eager ones run (None: they were not).
-        self.fused_norms_failure: str | None = None
+        # Why compiled layers were asked for but the eager ones run (None: they were not).
+        self.compiled_layers_failure: str | None = None
         decoder = model.get_decoder()
-        fuse = config.fused_norms(device, parameter.dtype) and fuse_rms_norms(decoder) > 0
+        # Padded passes (also a varlen path replaced at start-up) are never compiled.
+        compile_ = (
+            config.compiled_layers(device, parameter.dtype) and self.scorer.packing and compile_layers(decoder) > 0
+        )
         try:
-            # The probe also compiles the fused norms now rather than in the first request.
+            # The probe also compiles the layers now rather than in the first request.
             self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
         except Exception as e:  # noqa: BLE001  (any compile failure: a missing compiler, an inductor bug)
-            if not fuse:
+            if not compile_:
                 raise
-            unfuse_rms_norms(decoder)
+            uncompile_layers(decoder)
             first_line = (str(e).strip().splitlines() or [""])[0]
-            self.fused_norms_failure = f"{type(e).__name__}: {first_line}"
-            log.warning("compiled RMSNorm failed (%s); running the eager norms", self.fused_norms_failure)
+            self.compiled_layers_failure = f"{type(e).__name__}: {first_line}"
+            log.warning("compiling the decoder layers failed (%s); running them eagerly", self.compiled_layers_failure)
             self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
 
     @property
-    def fused_norms(self) -> bool:
-        """Whether the RMSNorms run as compiled kernels (:mod:`rerank_core.fused`)."""
-        return fused(self.scorer.backbone)
+    def compiled_layers(self) -> bool:
+        """Whether the decoder layers run compiled (:mod:`rerank_core.compiled`)."""
+        return compiled(self.scorer.backbone)
 
     @classmethod
     def load(

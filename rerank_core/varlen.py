@@ -174,6 +174,8 @@ def _packed_keys(own: torch.Tensor, kind: int, packed: VarlenPass, layer: int) -
     return buffer
 
 
+# A graph break under torch.compile (rerank_core.compiled), as packed attention is.
+@torch.compiler.disable
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for a packed pass (``attention_mask`` is a :class:`VarlenPass`); SDPA otherwise.
 

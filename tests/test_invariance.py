@@ -9,7 +9,7 @@ import torch
 
 from rerank_core import EngineConfig, Reranker
 from rerank_core.invariant import TiledLinear, tile_linear_layers
-from tests.test_fused import HAS_COMPILER
+from tests.test_compiled import HAS_COMPILER
 
 WORDS = "the of and to in is was for on that with as by at from river city music law cell energy".split()
 QUERY = "which rivers flow through the city"
@@ -74,9 +74,9 @@ def engine(request, tiny_checkpoint):
 
 def test_scores_are_bit_identical_alone_in_threes_and_in_big_passes(engine):
     assert engine.scorer.batch_invariant and engine.scorer.packing
-    # In bf16 the RMSNorms run compiled (rerank_core.fused): invariance holds with them too.
+    # In bf16 the decoder layers run compiled (rerank_core.compiled): invariance holds with them too.
     bf16 = next(engine.scorer.backbone.parameters()).dtype == torch.bfloat16
-    assert engine.fused_norms == (bf16 and HAS_COMPILER)
+    assert engine.compiled_layers == (bf16 and HAS_COMPILER)
     docs = _documents()
     together = engine.score(QUERY, docs)
     alone = [engine.score(QUERY, [doc])[0] for doc in docs]

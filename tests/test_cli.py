@@ -36,8 +36,17 @@ INSTRUCTION = "Given a question about rivers, retrieve passages about geography"
 
 @pytest.fixture(scope="module")
 def reranker(tiny_checkpoint):
-    """The engine as the command line loads it: default dtype (``auto``: bf16 on CPUs that multiply
-    it natively, float32 elsewhere). Batch-invariant, so its scores equal the command's exactly."""
+    """The engine as ``rerank run`` loads it: default dtype (``auto``: bf16 on CPUs that multiply
+    it natively, float32 elsewhere), decoder layers eager (no ``--compile``)."""
+    from rerank_core import EngineConfig, Reranker
+
+    return Reranker.load(str(tiny_checkpoint), device="cpu", config=EngineConfig(compile_layers=False))
+
+
+@pytest.fixture(scope="module")
+def served_engine(tiny_checkpoint):
+    """The engine as ``rerank serve``'s replica loads it: default dtype and settings (in bf16 on
+    CPU, decoder layers compiled)."""
     from rerank_core import Reranker
 
     return Reranker.load(str(tiny_checkpoint), device="cpu")
@@ -253,6 +262,27 @@ def test_max_chunks_scores_long_documents_by_their_best_window(tiny_checkpoint):
 def test_no_progress_bar_when_stderr_is_not_a_terminal(files_run):
     result, _, _ = files_run
     assert result.stderr == ""  # 67 documents, but stderr is a pipe: no bar, no `\r` frames
+
+
+def test_run_compiles_the_layers_only_when_asked(tiny_checkpoint):
+    # In bf16 the compiled layers round differently from the eager ones (tests/test_compiled.py),
+    # so the scores tell which path the console script took.
+    from rerank_core import EngineConfig, Reranker
+
+    def scores(*flags):
+        result = cli("run", "-m", tiny_checkpoint, "--dtype", "bfloat16", "--json", *flags,
+                     *(a for d in SEED_DOCS for a in ("-i", d)), "-i", f"query: {SEED_QUERY}")
+        assert result.returncode == 0, result.stderr
+        ranked_ = json.loads(result.stdout)["results"]
+        return [r["relevance_score"] for r in sorted(ranked_, key=lambda r: r["index"])]
+
+    eager = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=False))
+    compiled = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    expected_eager, expected_compiled = eager.score(SEED_QUERY, SEED_DOCS), compiled.score(SEED_QUERY, SEED_DOCS)
+    close(scores(), expected_eager, tol=1e-6)
+    if compiled.compiled_layers:  # a machine without a C++ compiler runs eagerly either way
+        assert expected_eager != expected_compiled
+        close(scores("--compile"), expected_compiled, tol=1e-6)
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -613,7 +643,7 @@ def _still_running(processes: dict[int, str]) -> dict[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process checks read /proc")
-def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpoint, reranker, tmp_path):
+def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpoint, served_engine, tmp_path):
     port = _free_port()
     log_path = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -647,7 +677,7 @@ def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpo
                                                  "return_documents": True}, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert_seed_response(body, reranker)
+        assert_seed_response(body, served_engine)
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0, log_path.read_text()[-3000:]

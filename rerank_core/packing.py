@@ -16,7 +16,10 @@ model still works as usual outside packed passes (padding masks included).
 The prefix of a segment is read from keys/values recorded by an earlier packed pass over the
 shared parts (:attr:`Segments.record`), addressed by layer index, so a prefix is stored once per
 query however many documents use it (each segment's attention call joins it to the segment's own
-keys, a copy that lives for that call only).
+keys, a copy that lives for that call only). A prefix can also ride in the same pass as its
+documents, as leading segments of the row (:attr:`Segments.record_tokens`): at every layer its
+keys are recorded before attention runs, so the documents of that pass read them at once and
+later passes read the recorded copy.
 """
 
 from __future__ import annotations
@@ -52,14 +55,18 @@ class Segments:
         lengths: length of each segment, in row order; they sum to the row's length.
         prefixes: per segment, its prefix in ``stores``, or ``None`` for a segment that starts
             from nothing (then plain causal attention).
-        stores: recorded keys/values of earlier prefix passes, indexed by :attr:`PrefixRef.store`.
-        record: when set, each layer appends its keys/values here (a prefix pass).
+        stores: recorded keys/values of earlier prefix passes, indexed by :attr:`PrefixRef.store`;
+            ``record`` itself may be one of them (prefixes that run in this same pass).
+        record: when set, each layer appends its keys/values here, before its attention runs.
+        record_tokens: how many leading tokens of the row ``record`` keeps (``None``: all of them,
+            a pass of prefixes only). A part is copied, so the rest of the pass is not kept alive.
     """
 
     lengths: list[int]
     prefixes: list[PrefixRef | None]
     stores: list[LayerKV] = field(default_factory=list)
     record: LayerKV | None = None
+    record_tokens: int | None = None
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -109,7 +116,11 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = module.layer_idx
     if segments.record is not None:
-        segments.record.append((key, value))
+        n = segments.record_tokens
+        if n is None or n == key.shape[2]:
+            segments.record.append((key, value))
+        else:
+            segments.record.append((key[:, :, :n].clone(), value[:, :, :n].clone()))
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
     start = 0
     for length, prefix in zip(segments.lengths, segments.prefixes):

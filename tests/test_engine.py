@@ -110,7 +110,8 @@ def test_queries_sharing_one_forward_pass_match_separate_calls(tiny_checkpoint, 
         str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(max_padding=1.0, packing=packing)
     )
     result = engine.scorer.score([engine.encode(QUERY, DOCS), engine.encode(other, DOCS[::-1])])
-    assert result.stats.forward_passes == 2  # one prefix pass, one document pass
+    # Packed: both prefixes ride in the documents' pass. Padded: one prefix pass, one document pass.
+    assert result.stats.forward_passes == (1 if packing else 2)
     mixed = result.scores
     _close(mixed[0], reranker.score(QUERY, DOCS))
     _close(mixed[1], reranker.score(other, DOCS[::-1]))
@@ -172,19 +173,20 @@ def test_health_check_passes_on_a_sound_model(reranker):
 
 def test_packed_passes_compute_no_padding(reranker):
     result = reranker.scorer.score([reranker.encode(QUERY, DOCS + [LONG_DOC])])
-    assert result.stats.forward_passes == 2  # the prefix, then all documents in one row
+    assert result.stats.forward_passes == 1  # the prefix and all documents in one row
     assert result.stats.padded_tokens == result.stats.tokens
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])
 def test_packed_single_document_query(tiny_checkpoint, official_model, batch_invariant):
-    """One pass without batch invariance; with it, the prefix runs apart as for several documents."""
+    """One pass; with batch invariance the prefix runs as a segment of its own, as for several documents."""
     model, tokenizer = official_model
     engine = Reranker.load(
         str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(batch_invariant=batch_invariant)
     )
     result = engine.scorer.score([engine.encode(QUERY, [DOCS[0]])])
-    assert result.stats.forward_passes == (2 if batch_invariant else 1)
+    assert result.stats.forward_passes == 1
+    assert result.stats.tokens == len(engine.encode(QUERY, [DOCS[0]]).shared) + len(engine.encode(QUERY, [DOCS[0]]).documents[0])
     _close(result.scores[0], official_scores(model, tokenizer, QUERY, [DOCS[0]]))
 
 
@@ -202,12 +204,25 @@ def test_packed_engine_model_still_honours_padding_masks(reranker, official_mode
     assert torch.allclose(got[real], want[real], atol=1e-5)
 
 
-def test_packed_queries_with_different_prefix_lengths_in_one_row(tiny_checkpoint):
-    """Several queries' prefixes recorded in one pass, their documents interleaved in another."""
-    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(packing=True))
+@pytest.mark.parametrize(
+    "budget, pairs, passes",
+    [
+        (8192, 64, 1),  # every prefix rides in the one pass of all documents
+        (8192, 4, 4),  # prefixes ride in the first pass that needs them; later passes read the record
+        (100, 64, None),  # no room beside the documents: prefixes run in passes of their own
+    ],
+)
+def test_packed_queries_with_different_prefix_lengths(tiny_checkpoint, budget, pairs, passes):
+    """Several queries' prefixes and their documents interleaved, under several budgets."""
+    config = EngineConfig(packing=True, max_batch_tokens=budget, max_batch_pairs=pairs)
+    engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=config)
     queries = [("q", DOCS[:3], None), (QUERY * 5, DOCS[3:], None), ("why?", DOCS[::2], "Find code answers")]
-    result = engine.scorer.score([engine.encode(q, d, i) for q, d, i in queries])
-    assert result.stats.forward_passes == 2
+    encoded = [engine.encode(q, d, i) for q, d, i in queries]
+    result = engine.scorer.score(encoded)
+    if passes is not None:
+        assert result.stats.forward_passes == passes
+    # Each prefix computed once, whatever the layout.
+    assert result.stats.tokens == sum(len(e.shared) + sum(map(len, e.documents)) for e in encoded)
     for (q, d, i), scores in zip(queries, result.scores):
         alone = [engine.scorer.score([engine.encode(q, [doc], i)]).scores[0][0] for doc in d]
         _close(scores, alone)

@@ -228,30 +228,25 @@ class PairScorer:
             # The varlen kernel reads prefixes from earlier passes only.
             inline = self.packed_attention is None and sum(lengths[i] for i in plan) + sum(prefix_lengths) <= self.max_batch_tokens
             if needed and not inline:
-                for prefix_plan in self._plan_packed(prefix_lengths):
-                    segments = Segments([prefix_lengths[i] for i in prefix_plan], [None] * len(prefix_plan), record=[])
-                    self._run_packed([queries[needed[i]].shared for i in prefix_plan], segments)
-                    self._place_prefixes(
-                        prefix_of, [needed[i] for i in prefix_plan], [prefix_lengths[i] for i in prefix_plan], len(stores)
-                    )
-                    stores.append(segments.record)
-                    passes += 1
-                    tokens += sum(prefix_lengths[i] for i in prefix_plan)
-                needed = []
-            lead = [queries[q].shared for q in needed]
-            record = [] if needed else None
+                runs, run_tokens = self._run_prefix_passes(queries, needed, prefix_of, stores)
+                passes += runs
+                tokens += run_tokens
+                needed, prefix_lengths = [], []
+            record = None
             if needed:
+                # This pass's own prefixes: a store filled layer by layer as the pass runs.
+                record = []
                 self._place_prefixes(prefix_of, needed, prefix_lengths, len(stores))
+                stores.append(record)
+            lead = [queries[q].shared for q in needed]
             segments = Segments(
-                [len(piece) for piece in lead] + [lengths[i] for i in plan],
+                prefix_lengths + [lengths[i] for i in plan],
                 [None] * len(lead) + [prefix_of[rows[i][0]] for i in plan],
-                stores + ([record] if needed else []),
+                stores,
                 record=record,
                 record_tokens=sum(prefix_lengths) if needed else None,
             )
             hidden = self._run_packed(lead + [pieces[i] for i in plan], segments)
-            if needed:
-                stores.append(record)
             probs = self.head(hidden[segments.ends()[len(lead):]]).cpu().tolist()
             for i, p in zip(plan, probs):
                 q, d = rows[i]
@@ -259,6 +254,21 @@ class PairScorer:
             passes += 1
             tokens += sum(segments.lengths)
         return BatchScores(scores, ForwardStats(len(rows), passes, tokens, tokens))
+
+    def _run_prefix_passes(self, queries: Sequence[EncodedQuery], needed: list[int], prefix_of: list, stores: list):
+        """Run the prefixes of queries ``needed`` in passes of their own, recording them in ``stores``.
+
+        Returns:
+            ``(passes, tokens)`` run.
+        """
+        lengths = [len(queries[q].shared) for q in needed]
+        plans = self._plan_packed(lengths)
+        for plan in plans:
+            segments = Segments([lengths[i] for i in plan], [None] * len(plan), record=[])
+            self._run_packed([queries[needed[i]].shared for i in plan], segments)
+            self._place_prefixes(prefix_of, [needed[i] for i in plan], [lengths[i] for i in plan], len(stores))
+            stores.append(segments.record)
+        return len(plans), sum(lengths)
 
     @staticmethod
     def _place_prefixes(prefix_of: list, queries_: list[int], lengths: list[int], store: int) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serve import ensure_checkpoint, make_requests  # noqa: E402  (the same workload and checkpoint)
+from bench.serve import ensure_checkpoint, make_requests, run_direct  # noqa: E402  (the same workload, checkpoint, timing)
 
 
 def run_batch(source: Path, workdir: Path, checkpoint: str, actors: int, cores: int, dtype: str) -> dict:
@@ -49,13 +49,6 @@ def run_batch(source: Path, workdir: Path, checkpoint: str, actors: int, cores: 
     started = time.perf_counter()
     rerank_file(str(source), str(output), ModelOptions(checkpoint, device="cpu", dtype=dtype),
                 workers=workers, progress=False)
-    return {"seconds": time.perf_counter() - started}
-
-
-def run_direct(engine, rows: list[dict]) -> dict:
-    started = time.perf_counter()
-    for row in rows:
-        engine.score(row["query"], row["documents"])
     return {"seconds": time.perf_counter() - started}
 
 

@@ -7,19 +7,24 @@ flight on this replica, from any number of requests, and the engine scores them 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
+import time
 
 import ray
 from ray import serve
 
 from rerank_core import EncodedQuery, Reranker
+from rerank_core.compute_thread import ComputeThread
 
 from .args import BatchingArgs, ModelArgs
 from .metrics import ReplicaMetrics
 
 logger = logging.getLogger("ray.serve")
+
+# A batch still running after this long fails the health check (a hung device or kernel); until
+# then a busy replica is healthy without probing, since a probe would wait behind the batch.
+HUNG_BATCH_S = 600.0
 
 
 def count_pairs(chunks: list) -> int:
@@ -52,7 +57,13 @@ class ModelReplica:
         self.name = model.name
         self.min_batch_size = min_batch_size
         config = model.engine_config()
-        self.engine = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir, config=config)
+        # Loading, forward passes and health probes all run on this one thread: a second thread
+        # running torch work makes every small CPU op slower (rerank_core.compute_thread).
+        self.compute = ComputeThread()
+        self.engine = self.compute.call(
+            Reranker.load, model.source, hub=model.hub, cache_dir=model.cache_dir, config=config
+        )
+        self._batch_started: float | None = None
         self.metrics = ReplicaMetrics(model.name)
         self.stats_ = ReplicaStats()
         logger.info("model %s loaded from %s on %s", model.name, model.source, self.engine.device)
@@ -76,9 +87,12 @@ class ModelReplica:
         Logits, not probabilities: the ingress keeps a long document's best window and answers
         raw scores where asked; it applies the sigmoid itself.
         """
-        # The forward pass runs in a worker thread: on the event loop it would stall every other
-        # call to this replica, health checks included.
-        result = await asyncio.to_thread(self.engine.scorer.score, chunks)
+        # Off the event loop, where it would stall every other call to this replica.
+        self._batch_started = time.monotonic()
+        try:
+            result = await self.compute.run(self.engine.scorer.score, chunks)
+        finally:
+            self._batch_started = None
         self._record(len(chunks), result.stats)
         return result.logits
 
@@ -121,5 +135,15 @@ class ModelReplica:
         return self.name
 
     async def check_health(self) -> None:
-        """Serve's health check: the engine re-scores a fixed pair (in a thread)."""
-        await asyncio.to_thread(self.engine.check_health)
+        """Serve's health check.
+
+        Idle, the engine re-scores a fixed pair on the compute thread. During a batch the replica
+        counts as healthy (it is working, and a probe would wait behind the batch) unless the batch
+        has run for over :data:`HUNG_BATCH_S`.
+        """
+        started = self._batch_started
+        if started is None:
+            # Nothing awaits between the test and the submission: no batch can get in between.
+            await self.compute.run(self.engine.check_health)
+        elif time.monotonic() - started > HUNG_BATCH_S:
+            raise RuntimeError(f"a batch has been running for {time.monotonic() - started:.0f} s")

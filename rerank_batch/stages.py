@@ -87,10 +87,12 @@ def _read_columns(batch: pa.Table, columns: Columns) -> list[str]:
 class Score:
     """An engine on one worker (GPU or CPU cores): scores token ids and adds the output columns.
 
-    The model is loaded once, when Ray Data starts the actor. Rows with equal shared ids (the
-    same query and instruction) are scored as one query, so their shared prefix runs once; the
-    rows of a batch go to the engine in chunks of about ``chunk_tokens`` tokens, and the engine
-    cuts each chunk into forward passes under its token budget.
+    The model is loaded once, when Ray Data starts the actor, on the actor's compute thread, where
+    every forward pass runs too: Ray Data calls ``__call__`` from a thread of its own, and a second
+    thread running torch work makes every small CPU op slower (:mod:`rerank_core.compute_thread`).
+    Rows with equal shared ids (the same query and instruction) are scored as one query, so their
+    shared prefix runs once; the rows of a batch go to the engine in chunks of about
+    ``chunk_tokens`` tokens, and the engine cuts each chunk into forward passes under its budget.
 
     Adds ``scores`` (query rows: one per document, in document order; pair rows: a number) and,
     for query rows, ``ranking`` (document indices, best first, ties by lower index, cut to
@@ -99,11 +101,13 @@ class Score:
 
     def __init__(self, model: ModelOptions, shape: Shape, top_k: int | None, chunk_passes: int):
         from rerank_core import EngineConfig, Reranker
+        from rerank_core.compute_thread import ComputeThread
 
         engine_fields = {f.name for f in fields(EngineConfig)}
         settings = {k: v for k, v in vars(model).items() if k in engine_fields and v is not None}
-        self.reranker = Reranker.load(model.source, hub=model.hub, cache_dir=model.cache_dir,
-                                      config=EngineConfig(**settings))
+        self.compute = ComputeThread()
+        self.reranker = self.compute.call(Reranker.load, model.source, hub=model.hub, cache_dir=model.cache_dir,
+                                          config=EngineConfig(**settings))
         self.shape = shape
         self.top_k = top_k
         self.chunk_tokens = chunk_passes * self.reranker.config.max_batch_tokens
@@ -134,7 +138,7 @@ class Score:
                 EncodedQuery(list(key), [d for row in rows for d in docs[row]], [False] * sum(len(docs[r]) for r in rows))
                 for key, rows in chunk
             ]
-            for (_, rows), query_scores in zip(chunk, self.reranker.score_encoded(queries)):
+            for (_, rows), query_scores in zip(chunk, self.compute.call(self.reranker.score_encoded, queries)):
                 start = 0
                 for row in rows:
                     scores[row] = query_scores[start:start + len(docs[row])]

@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     import torch
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app, model_deployment_name
     from deployments.args import AppArgs, ModelArgs
     from rerank_core import Reranker
 
@@ -236,10 +236,14 @@ def main(argv=None) -> dict:
     engine = Reranker.load(checkpoint, config=ModelArgs(**args["models"][0]).engine_config())
     run_served(url, warmup, opts.clients)
     engine.score(warmup[0]["query"], warmup[0]["documents"])
+    replica = serve.get_deployment_handle(model_deployment_name(args["models"][0]["name"]), app_name="bench")
+    before = replica.stats.remote().result()
     served, direct = [], []
     for workload in rounds:
         served.append(run_served(url, workload, opts.clients))
         direct.append(run_direct(engine, workload))
+    after = replica.stats.remote().result()
+    batching = {k: after[k] - before[k] for k in ("batches", "chunks", "pairs", "forward_passes")}
     serve.shutdown()
     ray.shutdown()
     dtype = str(next(engine.scorer.backbone.parameters()).dtype).removeprefix("torch.")
@@ -275,6 +279,9 @@ def main(argv=None) -> dict:
         "direct_pairs_per_s": med(direct, "pairs_per_s"),
         "served_pairs_per_s_all": [r["pairs_per_s"] for r in served],
         "direct_pairs_per_s_all": [r["pairs_per_s"] for r in direct],
+        # How the replica batched the timed rounds: requests (chunks) per @serve.batch call.
+        "served_chunks_per_batch": batching["chunks"] / max(1, batching["batches"]),
+        "served_pairs_per_pass": batching["pairs"] / max(1, batching["forward_passes"]),
     }
     figures["served_over_direct"] = figures["served_pairs_per_s"] / figures["direct_pairs_per_s"]
     if vllm:

@@ -117,7 +117,7 @@ class Score:
 
         shared = batch.column(SHARED_COLUMN).to_pylist()
         docs = batch.column(DOCS_COLUMN).to_pylist()
-        scores = self._score(shared, docs)
+        scores = self.compute.call(self._score, shared, docs)
         batch = batch.drop_columns([SHARED_COLUMN, DOCS_COLUMN])
         if self.shape is Shape.PAIRS:
             return batch.append_column(SCORES, pa.array([s[0] for s in scores], pa.float64()))
@@ -126,7 +126,7 @@ class Score:
         return batch.append_column(RANKING, pa.array(ranking, pa.list_(pa.int32())))
 
     def _score(self, shared: list[list[int]], docs: list[list[list[int]]]) -> list[list[float]]:
-        """Per row, the score of each of its documents."""
+        """Per row, the score of each of its documents (run on the compute thread)."""
         from rerank_core import EncodedQuery
 
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -138,7 +138,7 @@ class Score:
                 EncodedQuery(list(key), [d for row in rows for d in docs[row]], [False] * sum(len(docs[r]) for r in rows))
                 for key, rows in chunk
             ]
-            for (_, rows), query_scores in zip(chunk, self.compute.call(self.reranker.score_encoded, queries)):
+            for (_, rows), query_scores in zip(chunk, self.reranker.score_encoded(queries)):
                 start = 0
                 for row in rows:
                     scores[row] = query_scores[start:start + len(docs[row])]

@@ -80,7 +80,12 @@ def uncompile_layers(model: torch.nn.Module) -> None:
             del layer.forward
 
 
+def compiled_layer(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` runs its compiled forward (:func:`compile_layers`)."""
+    return isinstance(layer.__dict__.get("forward"), _CompiledForward)
+
+
 def compiled(model: torch.nn.Module) -> bool:
     """Whether ``model``'s decoder layers run their compiled forward."""
     layers = decoder_layers(model)
-    return bool(layers) and all(isinstance(m.__dict__.get("forward"), _CompiledForward) for m in layers)
+    return bool(layers) and all(compiled_layer(m) for m in layers)

@@ -5,7 +5,8 @@ that tokenization can run in another process than the model. Three things make i
 changing a score beyond rounding:
 
 * the final hidden state of each row's last real token goes through a one-row head
-  (:class:`~rerank_core.head.YesNoHead`) instead of the full vocabulary projection;
+  (:class:`~rerank_core.head.YesNoHead`) instead of the full vocabulary projection, and packed
+  passes run their last decoder layer for those rows only (:mod:`~rerank_core.kept_rows`);
 * rows are grouped into forward passes under a token budget and a row cap (packed passes:
   :func:`~rerank_core.batching.plan_packed`; padded ones: sorted by length,
   :func:`~rerank_core.batching.plan_batches`), then scattered back to input order;
@@ -36,6 +37,8 @@ import torch
 from .batching import plan_batches, plan_packed
 from .head import YesNoHead, probabilities
 from .invariant import DEFAULT_TILE_ROWS, tile_linear_layers
+from .kept_rows import forward_kept_rows
+from .kept_rows import supports as kept_rows_supported
 from .memory import release_freed_memory, reuse_freed_memory
 from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
@@ -165,6 +168,9 @@ class PairScorer:
         params = inspect.signature(backbone.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.reuse_memory = reuse_memory and self.device.type == "cpu" and reuse_freed_memory()
+        # Packed passes with per-segment SDPA run their last layer for the rows a score reads only
+        # (rerank_core.kept_rows). A varlen kernel needs its whole pass, so it keeps the full model.
+        self.kept_rows_only = packing and packed_attention is None and kept_rows_supported(backbone)
 
     def score(self, queries: Sequence[EncodedQuery]) -> BatchScores:
         """``logit_yes - logit_no`` for every document of every query, in input order.
@@ -246,8 +252,8 @@ class PairScorer:
                 record=record,
                 record_tokens=sum(prefix_lengths) if needed else None,
             )
-            hidden = self._run_packed(lead + [pieces[i] for i in plan], segments)
-            probs = self.head(hidden[segments.ends()[len(lead):]]).cpu().tolist()
+            hidden = self._run_packed(lead + [pieces[i] for i in plan], segments, segments.ends()[len(lead) :])
+            probs = self.head(hidden).cpu().tolist()
             for i, p in zip(plan, probs):
                 q, d = rows[i]
                 scores[q][d] = p
@@ -265,7 +271,7 @@ class PairScorer:
         plans = self._plan_packed(lengths)
         for plan in plans:
             segments = Segments([lengths[i] for i in plan], [None] * len(plan), record=[])
-            self._run_packed([queries[needed[i]].shared for i in plan], segments)
+            self._run_packed([queries[needed[i]].shared for i in plan], segments, keep=[])
             self._place_prefixes(prefix_of, [needed[i] for i in plan], [lengths[i] for i in plan], len(stores))
             stores.append(segments.record)
         return len(plans), sum(lengths)
@@ -281,10 +287,12 @@ class PairScorer:
     def _plan_packed(self, lengths: list[int]) -> list[list[int]]:
         return plan_packed(lengths, self.max_batch_tokens, self.max_batch_pairs)
 
-    def _run_packed(self, pieces: list[list[int]], segments: Segments) -> torch.Tensor:
-        """Final hidden states ``(tokens, hidden)`` of one packed row made of ``pieces``."""
+    def _run_packed(self, pieces: list[list[int]], segments: Segments, keep: list[int]) -> torch.Tensor:
+        """Final hidden states ``(len(keep), hidden)`` of rows ``keep`` of one packed row made of ``pieces``."""
         ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=self.device)
         positions = torch.tensor(segments.positions(), dtype=torch.long, device=self.device)
+        if self.kept_rows_only:
+            return forward_kept_rows(self.backbone, ids[None], positions[None], segments, keep)
         mask = segments if self.packed_attention is None else self.packed_attention.prepare(segments, self.device)
         return self.backbone(
             input_ids=ids[None],
@@ -292,7 +300,7 @@ class PairScorer:
             # A prepared mapping: transformers passes it to the attention function as it is.
             attention_mask={"full_attention": mask},
             use_cache=False,
-        ).last_hidden_state[0]
+        ).last_hidden_state[0, keep]
 
     def _plan(self, lengths: list[int]) -> list[list[int]]:
         return plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs, self.max_padding)

@@ -89,6 +89,19 @@ class Segments:
             out.extend(range(start, start + length))
         return out
 
+    def record_layer(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append one layer's keys/values ``(1, kv_heads, tokens, dim)`` to :attr:`record`, if set.
+
+        Called by every layer in order, before its attention runs.
+        """
+        if self.record is None:
+            return
+        n = self.record_tokens
+        if n is None or n == key.shape[2]:
+            self.record.append((key, value))
+        else:
+            self.record.append((key[:, :, :n].clone(), value[:, :, :n].clone()))
+
     def mask(self, length: int, prefix_length: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Additive ``(rows * length, prefix_length + length)`` mask of ``dtype``: 0 where a query
         sees a key (all of the prefix, its own tokens causally), ``-inf`` elsewhere.
@@ -125,12 +138,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     if not isinstance(segments, Segments):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = module.layer_idx
-    if segments.record is not None:
-        n = segments.record_tokens
-        if n is None or n == key.shape[2]:
-            segments.record.append((key, value))
-        else:
-            segments.record.append((key[:, :, :n].clone(), value[:, :, :n].clone()))
+    segments.record_layer(key, value)
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
     start = 0
     for length, prefix in zip(segments.lengths, segments.prefixes):

@@ -39,9 +39,10 @@ def test_prefixed_attention_matches_grouped_sdpa(monkeypatch, dtype, tolerance, 
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(16, 8), (32, 8)])
-def test_folded_bf16_attention_is_bit_identical_from_64_tokens(heads, kv_heads):
-    """The common case on CPU: the kernel takes the same path folded or not, so nothing changes."""
-    q, k, v, segments, prefix_length = _inputs(torch.bfloat16, heads, kv_heads, 100)
+@pytest.mark.parametrize("length", [20, 45, 63, 64, 100, 300])
+def test_bf16_attention_is_bit_identical_to_unfolded(heads, kv_heads, length):
+    """Short segments are not folded, longer ones take the kernel's same path folded or not."""
+    q, k, v, segments, prefix_length = _inputs(torch.bfloat16, heads, kv_heads, length)
     assert torch.equal(_prefixed_attention(segments, q, k, v, prefix_length, None), _reference(q, k, v, prefix_length))
 
 

@@ -87,10 +87,14 @@ def _last_layer_rows(layer, hidden: torch.Tensor, segments: Segments, position_e
     segments.record_layer(key, value)
     if not keep:
         return hidden[:0]
-    rows = torch.tensor(keep, device=hidden.device)
+    # A single row runs twice: compiled code is specialized for size-1 dimensions, and a graph of
+    # its own could round differently from the one every larger count uses (a document's score
+    # would then depend on whether it came alone, tests/test_invariance.py).
+    padded = keep if len(keep) > 1 else keep * 2
+    rows = torch.tensor(padded, device=hidden.device)
     query = steps["queries"](layer, x[rows], cos[rows], sin[rows])
-    out = _kept_attention(segments, layer.self_attn.layer_idx, query, key, value, keep, layer.self_attn.scaling)
-    return steps["finish"](layer, hidden[rows], out)
+    out = _kept_attention(segments, layer.self_attn.layer_idx, query, key, value, padded, layer.self_attn.scaling)
+    return steps["finish"](layer, hidden[rows], out)[: len(keep)]
 
 
 def _keys_values(layer, hidden, cos, sin):

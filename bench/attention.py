@@ -1,0 +1,95 @@
+"""Packed attention of one layer, folded query heads against unfolded, side by side (CPU).
+
+Run from the repository root:
+
+    python bench/attention.py                 # 0.6B shape, bf16, 3 rounds
+    python bench/attention.py --heads 32 --dtype float32
+
+One sample is one layer's attention over 16 segments of 45..420 tokens (seeded), each with a
+74-token prefix, as ``rerank_core.packing.segment_attention`` runs it: the prefix's keys joined to
+the segment's, then ``_prefixed_attention``. The variants differ only in
+``packing.FOLD_MASK_ELEMENTS`` (0: no segment is folded). Each sample is the median of ``--calls``
+calls; rounds alternate the order of the variants. Printed: per-round medians in ms, and whether
+the two variants' outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rerank_core import packing  # noqa: E402
+from rerank_core.memory import reuse_freed_memory  # noqa: E402
+from rerank_core.packing import PrefixRef, Segments, _prefixed_attention  # noqa: E402
+
+PREFIX = 74
+
+
+def layer_attention(q, k, v, pk, pv, lengths, segments) -> torch.Tensor:
+    """One layer's packed attention over ``lengths``, as ``segment_attention`` runs it."""
+    out = q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+    start = 0
+    for length in lengths:
+        end = start + length
+        keys = torch.cat([pk, k[:, :, start:end]], dim=2)
+        values = torch.cat([pv, v[:, :, start:end]], dim=2)
+        o = _prefixed_attention(segments, q[:, :, start:end], keys, values, PREFIX, None)
+        out[:, start:end] = o.transpose(1, 2)
+        start = end
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=int, default=16, help="query heads (0.6B: 16; 4B, 8B: 32)")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=10)
+    args = parser.parse_args(argv)
+    reuse_freed_memory()
+    dtype = getattr(torch, args.dtype)
+    rng = random.Random(0)
+    lengths = [rng.randint(45, 420) for _ in range(16)]
+    tokens = sum(lengths)
+    torch.manual_seed(0)
+    # Laid out as the model produces them: (1, tokens, heads, 128) seen as (1, heads, tokens, 128).
+    q = torch.randn(1, tokens, args.heads, 128, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(1, tokens, args.kv_heads, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
+    pk, pv = (torch.randn(1, PREFIX, args.kv_heads, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
+    segments = Segments(lengths, [PrefixRef(0, 0, PREFIX)] * len(lengths))
+    variants = {"unfolded": 0, "folded": packing.FOLD_MASK_ELEMENTS}
+    outputs = {}
+    for name, limit in variants.items():
+        packing.FOLD_MASK_ELEMENTS = limit
+        outputs[name] = layer_attention(q, k, v, pk, pv, lengths, segments)
+    print(f"segments {lengths} ({tokens} tokens), {args.heads}/{args.kv_heads} heads, {args.dtype}")
+    print(f"bit-identical: {torch.equal(outputs['unfolded'], outputs['folded'])}")
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        order = list(variants) if round_ % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            packing.FOLD_MASK_ELEMENTS = variants[name]
+            times = []
+            for _ in range(args.calls + 2):
+                start = time.perf_counter()
+                layer_attention(q, k, v, pk, pv, lengths, segments)
+                times.append(time.perf_counter() - start)
+            samples[name].append(statistics.median(times[2:]) * 1e3)
+    for name, values in samples.items():
+        print(f"{name:9s} ms per layer: median {statistics.median(values):.2f}  rounds "
+              + ", ".join(f"{x:.2f}" for x in values))
+    ratio = statistics.median(samples["unfolded"]) / statistics.median(samples["folded"])
+    print(f"folded speedup: {ratio:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,8 @@ changing a score beyond rounding:
 
 * the final hidden state of each row's last real token goes through a one-row head
   (:class:`~rerank_core.head.YesNoHead`) instead of the full vocabulary projection, and packed
-  passes run their last decoder layer for those rows only (:mod:`~rerank_core.kept_rows`);
+  passes with per-segment attention (CPU) run their last decoder layer for those rows only
+  (:mod:`~rerank_core.kept_rows`);
 * rows are grouped into forward passes under a token budget and a row cap (packed passes:
   :func:`~rerank_core.batching.plan_packed`; padded ones: sorted by length,
   :func:`~rerank_core.batching.plan_batches`), then scattered back to input order;

@@ -5,7 +5,8 @@ keys and values are needed for every token (that last token attends to all of th
 queries, attention output, output projection and MLP only for the rows that are read. In a
 packed pass of 16 documents that is 16 rows instead of about 3,000: of the last layer's weights
 only ``k_proj`` and ``v_proj`` still multiply every token (on the 0.6B model 2 of its 15.7 million
-per-layer weights), and its attention is one query row per document. About 1/28 of a call.
+per-layer weights), and its attention is one query row per document. That saves most of one
+layer in 28 (the 0.6B model): about 2 % of a bf16 call on CPU (docs/benchmarks.md).
 
 :func:`forward_kept_rows` runs the backbone's embedding and every layer but the last as
 transformers does, then :func:`_last_layer_rows`, which computes the same operations as
@@ -33,7 +34,13 @@ _LAYER_MODULES = ("self_attn", "mlp", "input_layernorm", "post_attention_layerno
 
 
 def supports(backbone: torch.nn.Module) -> bool:
-    """Whether ``backbone`` has the layout :func:`forward_kept_rows` relies on (Qwen3's)."""
+    """Whether ``backbone`` is a Qwen3 decoder with the layout :func:`forward_kept_rows` relies on.
+
+    Checked by model type, not only by module names: a Qwen3-MoE layer has the same names, but its
+    MLP is a sparse block that this module does not call as it expects.
+    """
+    if getattr(getattr(backbone, "config", None), "model_type", None) != "qwen3":
+        return False
     layers = getattr(backbone, "layers", None)
     if not layers or not all(hasattr(backbone, name) for name in ("embed_tokens", "rotary_emb", "norm")):
         return False
@@ -57,12 +64,11 @@ def forward_kept_rows(
     """
     hidden = backbone.embed_tokens(input_ids)
     position_embeddings = backbone.rotary_emb(hidden, position_ids)
-    mask = {"full_attention": segments}
     layers = backbone.layers[: backbone.config.num_hidden_layers]
     for layer in layers[:-1]:
         hidden = layer(
             hidden,
-            attention_mask=mask["full_attention"],
+            attention_mask=segments,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
             use_cache=False,
@@ -81,8 +87,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def _last_layer_rows(layer, hidden: torch.Tensor, segments: Segments, position_embeddings, keep: list[int]):
     """The decoder layer ``layer`` on ``hidden`` ``(tokens, hidden)``, output for rows ``keep`` only."""
     # Compiled like the other layers when they are (rerank_core.compiled): the same fused rounding.
+    # The steps are shared by the process, like the layers' compiled forward: a model of another
+    # shape or dtype in the same process compiles them again.
     steps = _COMPILED if compiled_layer(layer) else _EAGER
     cos, sin = (t[0].unsqueeze(1) for t in position_embeddings)  # (tokens, 1, head_dim)
+    if not keep and segments.record is None:
+        return hidden[:0]
     x, key, value = steps["keys_values"](layer, hidden, cos, sin)
     segments.record_layer(key, value)
     if not keep:

@@ -67,7 +67,7 @@ class Segments:
     stores: list[LayerKV] = field(default_factory=list)
     record: LayerKV | None = None
     record_tokens: int | None = None
-    _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if len(self.prefixes) != len(self.lengths) or min(self.lengths, default=1) < 1:
@@ -103,25 +103,31 @@ class Segments:
             self.record.append((key[:, :, :n].clone(), value[:, :, :n].clone()))
 
     def mask(self, length: int, prefix_length: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Additive ``(rows * length, prefix_length + length)`` mask of ``dtype``: 0 where a query
-        sees a key (all of the prefix, its own tokens causally), ``-inf`` elsewhere.
+        """``(rows * length, prefix_length + length)`` mask: where a query sees a key (all of the
+        prefix, its own tokens causally).
 
-        The ``length`` query rows repeat ``rows`` times, for query heads folded into rows (see
-        :func:`segment_attention`). Built once per shape and reused by every layer: SDPA would
-        otherwise turn a boolean mask into this one at every call.
+        ``dtype`` ``torch.bool``: True where it sees. Otherwise additive, of that dtype: 0 where
+        it sees, ``-inf`` elsewhere (SDPA would turn a boolean mask into this at every call). The
+        ``length`` query rows repeat ``rows`` times, for query heads folded into rows (see
+        :func:`_prefixed_attention`). Built once per shape and reused by every layer.
         """
         key = (length, prefix_length, rows, dtype)
         if key not in self._masks:
             queries = torch.arange(length, device=device)[:, None]
             keys = torch.arange(prefix_length + length, device=device)[None, :]
             hidden = keys > queries + prefix_length
-            additive = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
-            self._masks[key] = additive.repeat(rows, 1) if rows > 1 else additive
+            if dtype == torch.bool:
+                mask = ~hidden
+            else:
+                mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+            self._masks[key] = mask.repeat(rows, 1) if rows > 1 else mask
         return self._masks[key]
 
 
-# Largest folded mask (elements) :func:`segment_attention` builds; a longer segment runs its query
-# heads as heads (8 MB in bf16: a segment of about 1,000 tokens with 4 query heads per key head).
+# Largest additive mask (elements) :func:`_prefixed_attention` keeps for a pass (8 MB in bf16: a
+# folded segment of about 1,000 tokens with 4 query heads per key head). A longer segment runs its
+# query heads as heads with a boolean mask (half the memory of a bf16 one, a quarter of an fp32
+# one), which SDPA converts at each call.
 FOLD_MASK_ELEMENTS = 2**22
 # Shortest segment whose query heads are folded. On CPU in bf16, SDPA runs blocks of fewer than 64
 # query rows on another path than longer ones, and that path came out closer to float32 on this
@@ -165,22 +171,31 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
 def _prefixed_attention(segments: Segments, q, k, v, prefix_length: int, scaling) -> torch.Tensor:
     """One segment's attention over its prefix and itself; ``(1, heads, length, dim)``.
 
-    With grouped-query attention, the query heads that share a key head are folded into rows:
-    ``(1, kv_heads, groups * length, dim)`` against that head's keys. The CPU kernel then runs
+    On CPU, with grouped-query attention, the query heads that share a key head are folded into
+    rows: ``(1, kv_heads, groups * length, dim)`` against that head's keys. The kernel then runs
     half (or a quarter) as many (head, block) tasks, each with more rows, and reads and packs each
-    key head once instead of once per query head: about 8 % less attention time on the 0.6B shape
-    (docs/benchmarks.md). Every query row is still computed from its own segment only, and in bf16
-    the result is bit-identical to the unfolded one (segments under :data:`FOLD_MIN_TOKENS` are not
-    folded); in fp32 the kernel's blocking follows the number of query rows, so a value can move
-    by a last bit (``tests/test_packing.py``).
+    key head once instead of once per query head: about 10 % less attention time on the 0.6B
+    shape, 14 % with 4 query heads per key head (docs/benchmarks.md). Every query row is still
+    computed from its own segment only. On this project's CPU (torch 2.13, AMX) bf16 results are
+    bit-identical to unfolded ones (segments under :data:`FOLD_MIN_TOKENS` are not folded); in
+    fp32 the kernel's blocking follows the number of query rows, so a value can move by a last bit
+    (``tests/test_packing.py``).
     """
     heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
     groups = heads // k.shape[1]
-    if groups > 1 and length >= FOLD_MIN_TOKENS and groups * length * (prefix_length + length) <= FOLD_MASK_ELEMENTS:
+    elements = length * (prefix_length + length)
+    if (
+        q.device.type == "cpu"
+        and groups > 1
+        and length >= FOLD_MIN_TOKENS
+        and groups * elements <= FOLD_MASK_ELEMENTS
+    ):
         mask = segments.mask(length, prefix_length, groups, q.dtype, q.device)
         folded = q.reshape(1, k.shape[1], groups * length, dim)
-        return F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scaling).view(1, heads, length, dim)
-    mask = segments.mask(length, prefix_length, 1, q.dtype, q.device)
+        # reshape, not view: a kernel may return its output in another memory layout.
+        return F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scaling).reshape(1, heads, length, dim)
+    dtype = q.dtype if elements <= FOLD_MASK_ELEMENTS else torch.bool
+    mask = segments.mask(length, prefix_length, 1, dtype, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 

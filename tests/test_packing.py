@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from rerank_core import packing
+from rerank_core.config import cpu_has_native_bf16
 from rerank_core.packing import PrefixRef, Segments, _prefixed_attention
 
 
@@ -36,8 +37,23 @@ def test_prefixed_attention_matches_grouped_sdpa(monkeypatch, dtype, tolerance, 
     out = _prefixed_attention(segments, q, k, v, prefix_length, None)
     assert out.shape == (1, heads, length, 128)
     assert (out.float() - _reference(q, k, v, prefix_length).float()).abs().max().item() <= tolerance
+    # Which mask was built tells whether the segment was folded (a mask with a row per folded head).
+    groups = heads // kv_heads
+    folded = fold and groups > 1 and length >= packing.FOLD_MIN_TOKENS
+    # With the limit at 0 no additive mask is kept: the boolean one, as stock SDPA takes it.
+    assert list(segments._masks) == [(length, prefix_length, groups if folded else 1, dtype if fold else torch.bool)]
 
 
+def test_long_segments_keep_a_boolean_mask(monkeypatch):
+    """Past the additive-mask limit a segment is neither folded nor given an additive mask."""
+    monkeypatch.setattr(packing, "FOLD_MASK_ELEMENTS", 1000)
+    q, k, v, segments, prefix_length = _inputs(torch.bfloat16, 16, 8, 100)
+    out = _prefixed_attention(segments, q, k, v, prefix_length, None)
+    assert list(segments._masks) == [(100, prefix_length, 1, torch.bool)]
+    assert torch.equal(out, _reference(q, k, v, prefix_length))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the claim is about CPUs that multiply bf16 natively")
 @pytest.mark.parametrize("heads,kv_heads", [(16, 8), (32, 8)])
 @pytest.mark.parametrize("length", [20, 45, 63, 64, 100, 300])
 def test_bf16_attention_is_bit_identical_to_unfolded(heads, kv_heads, length):

@@ -25,6 +25,7 @@ import bisect
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3.modeling_qwen3 import rotate_half
 
 from .compiled import compiled_layer
 from .packing import Segments
@@ -78,10 +79,8 @@ def forward_kept_rows(
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers applies it: ``x * cos + rotate_half(x) * sin``, per head."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """RoPE as transformers' ``apply_rotary_pos_emb`` applies it, for one of queries or keys."""
+    return x * cos + rotate_half(x) * sin
 
 
 def _last_layer_rows(layer, hidden: torch.Tensor, segments: Segments, position_embeddings, keep: list[int]):
@@ -89,10 +88,10 @@ def _last_layer_rows(layer, hidden: torch.Tensor, segments: Segments, position_e
     # Compiled like the other layers when they are (rerank_core.compiled): the same fused rounding.
     # The steps are shared by the process, like the layers' compiled forward: a model of another
     # shape or dtype in the same process compiles them again.
-    steps = _COMPILED if compiled_layer(layer) else _EAGER
-    cos, sin = (t[0].unsqueeze(1) for t in position_embeddings)  # (tokens, 1, head_dim)
     if not keep and segments.record is None:
         return hidden[:0]
+    steps = _COMPILED if compiled_layer(layer) else _EAGER
+    cos, sin = (t[0].unsqueeze(1) for t in position_embeddings)  # (tokens, 1, head_dim)
     x, key, value = steps["keys_values"](layer, hidden, cos, sin)
     segments.record_layer(key, value)
     if not keep:
@@ -147,10 +146,7 @@ def _kept_attention(segments: Segments, layer: int, query, key, value, keep: lis
         k, v = key[:, :, starts[segment] : row + 1], value[:, :, starts[segment] : row + 1]
         prefix = segments.prefixes[segment]
         if prefix is not None:
-            prefix_keys, prefix_values = segments.stores[prefix.store][layer]
-            span = slice(prefix.start, prefix.start + prefix.length)
-            k = torch.cat([prefix_keys[:, :, span], k], dim=2)
-            v = torch.cat([prefix_values[:, :, span], v], dim=2)
+            k, v = segments.with_prefix(prefix, layer, k, v)
         q = query[i][None, :, None]  # (1, heads, 1, head_dim)
         out[i] = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)[0, :, 0]
     return out

@@ -102,6 +102,15 @@ class Segments:
         else:
             self.record.append((key[:, :, :n].clone(), value[:, :, :n].clone()))
 
+    def with_prefix(self, prefix: PrefixRef, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """``(key, value)`` of a segment joined after its prefix's recorded ones at ``layer``.
+
+        A copy that lives for one attention call.
+        """
+        prefix_keys, prefix_values = self.stores[prefix.store][layer]
+        span = slice(prefix.start, prefix.start + prefix.length)
+        return torch.cat([prefix_keys[:, :, span], key], dim=2), torch.cat([prefix_values[:, :, span], value], dim=2)
+
     def mask(self, length: int, prefix_length: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``(rows * length, prefix_length + length)`` mask: where a query sees a key (all of the
         prefix, its own tokens causally).
@@ -158,10 +167,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         if prefix is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            prefix_keys, prefix_values = segments.stores[prefix.store][layer]
-            span = slice(prefix.start, prefix.start + prefix.length)
-            k = torch.cat([prefix_keys[:, :, span], k], dim=2)
-            v = torch.cat([prefix_values[:, :, span], v], dim=2)
+            k, v = segments.with_prefix(prefix, layer, k, v)
             o = _prefixed_attention(segments, q, k, v, prefix.length, scaling)
         out[:, start:end] = o.transpose(1, 2)
         start = end

@@ -1,16 +1,21 @@
-"""Packed attention of one layer, folded query heads against unfolded, side by side (CPU).
+"""Packed attention of one layer in its CPU variants, side by side.
 
 Run from the repository root:
 
-    python bench/attention.py                 # 0.6B shape, bf16, 3 rounds
-    python bench/attention.py --heads 32 --dtype float32
+    python bench/attention.py                 # 0.6B shape, bf16, 3 rounds, every variant
+    python bench/attention.py --heads 32 --variants padded,unpadded
 
 One sample is one layer's attention over 16 segments of 45..420 tokens (seeded), each with a
 74-token prefix, as ``rerank_core.packing.segment_attention`` runs it: the prefix's keys joined to
-the segment's, then ``_prefixed_attention``. The variants differ only in
-``packing.FOLD_MASK_ELEMENTS`` (0: no segment is folded). Each sample is the median of ``--calls``
-calls; rounds alternate the order of the variants. Printed: per-round medians in ms, and whether
-the two variants' outputs are bit-identical.
+the segment's (``Segments.with_prefix``), then ``_prefixed_attention``. Variants:
+
+* ``padded``: the defaults (query heads folded, key counts rounded up to ``packing.KEY_BLOCK``);
+* ``unpadded``: folded, key counts as they are;
+* ``unfolded``: neither (``packing.FOLD_MASK_ELEMENTS`` 0).
+
+Each sample is the median of ``--calls`` calls; rounds alternate the order of the variants.
+Printed: per-round medians in ms, each variant's speed against ``padded``, and the largest
+difference of its output from ``padded``'s.
 """
 
 from __future__ import annotations
@@ -32,14 +37,21 @@ from rerank_core.packing import PrefixRef, Segments, _prefixed_attention  # noqa
 PREFIX = 74
 
 
-def layer_attention(q, k, v, pk, pv, lengths, segments) -> torch.Tensor:
+# name: (FOLD_MASK_ELEMENTS, key multiple)
+VARIANTS = {
+    "padded": (packing.FOLD_MASK_ELEMENTS, packing.KEY_BLOCK),
+    "unpadded": (packing.FOLD_MASK_ELEMENTS, 1),
+    "unfolded": (0, 1),
+}
+
+
+def layer_attention(q, k, v, lengths, segments, multiple: int) -> torch.Tensor:
     """One layer's packed attention over ``lengths``, as ``segment_attention`` runs it."""
     out = q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
     start = 0
-    for length in lengths:
+    for length, prefix in zip(lengths, segments.prefixes):
         end = start + length
-        keys = torch.cat([pk, k[:, :, start:end]], dim=2)
-        values = torch.cat([pv, v[:, :, start:end]], dim=2)
+        keys, values = segments.with_prefix(prefix, 0, k[:, :, start:end], v[:, :, start:end], multiple)
         o = _prefixed_attention(segments, q[:, :, start:end], keys, values, PREFIX, None)
         out[:, start:end] = o.transpose(1, 2)
         start = end
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
     reuse_freed_memory()
     dtype = getattr(torch, args.dtype)
@@ -64,30 +77,32 @@ def main(argv: list[str] | None = None) -> int:
     q = torch.randn(1, tokens, args.heads, 128, dtype=dtype).transpose(1, 2)
     k, v = (torch.randn(1, tokens, args.kv_heads, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
     pk, pv = (torch.randn(1, PREFIX, args.kv_heads, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
-    segments = Segments(lengths, [PrefixRef(0, 0, PREFIX)] * len(lengths))
-    variants = {"unfolded": 0, "folded": packing.FOLD_MASK_ELEMENTS}
-    outputs = {}
-    for name, limit in variants.items():
-        packing.FOLD_MASK_ELEMENTS = limit
-        outputs[name] = layer_attention(q, k, v, pk, pv, lengths, segments)
+    segments = Segments(lengths, [PrefixRef(0, 0, PREFIX)] * len(lengths), [[(pk, pv)]])
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+
+    def run(name: str) -> torch.Tensor:
+        packing.FOLD_MASK_ELEMENTS, multiple = variants[name]
+        return layer_attention(q, k, v, lengths, segments, multiple)
+
+    outputs = {name: run(name) for name in variants}
     print(f"segments {lengths} ({tokens} tokens), {args.heads}/{args.kv_heads} heads, {args.dtype}")
-    print(f"bit-identical: {torch.equal(outputs['unfolded'], outputs['folded'])}")
+    first = next(iter(variants))
+    for name in list(variants)[1:]:
+        print(f"largest difference {name} vs {first}: {(outputs[name].float() - outputs[first].float()).abs().max().item():.2e}")
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         order = list(variants) if round_ % 2 == 0 else list(variants)[::-1]
         for name in order:
-            packing.FOLD_MASK_ELEMENTS = variants[name]
             times = []
             for _ in range(args.calls + 2):
                 start = time.perf_counter()
-                layer_attention(q, k, v, pk, pv, lengths, segments)
+                run(name)
                 times.append(time.perf_counter() - start)
             samples[name].append(statistics.median(times[2:]) * 1e3)
     for name, values in samples.items():
-        print(f"{name:9s} ms per layer: median {statistics.median(values):.2f}  rounds "
+        ratio = statistics.median(values) / statistics.median(samples[first])
+        print(f"{name:9s} ms per layer: median {statistics.median(values):.2f} ({ratio:.2f}x the time of {first})  rounds "
               + ", ".join(f"{x:.2f}" for x in values))
-    ratio = statistics.median(samples["unfolded"]) / statistics.median(samples["folded"])
-    print(f"folded speedup: {ratio:.3f}x")
     return 0
 
 

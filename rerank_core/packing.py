@@ -67,7 +67,7 @@ class Segments:
     stores: list[LayerKV] = field(default_factory=list)
     record: LayerKV | None = None
     record_tokens: int | None = None
-    _masks: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple[int, int, int, torch.dtype, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if len(self.prefixes) != len(self.lengths) or min(self.lengths, default=1) < 1:
@@ -102,35 +102,54 @@ class Segments:
         else:
             self.record.append((key[:, :, :n].clone(), value[:, :, :n].clone()))
 
-    def with_prefix(self, prefix: PrefixRef, layer: int, key: torch.Tensor, value: torch.Tensor):
+    def with_prefix(self, prefix: PrefixRef, layer: int, key: torch.Tensor, value: torch.Tensor, multiple: int = 1):
         """``(key, value)`` of a segment joined after its prefix's recorded ones at ``layer``.
 
-        A copy that lives for one attention call.
+        A copy that lives for one attention call. With ``multiple`` > 1 the key count is rounded
+        up to a multiple of it with zero keys and values, which a mask from :meth:`mask` hides
+        (see :data:`KEY_BLOCK`).
         """
         prefix_keys, prefix_values = self.stores[prefix.store][layer]
         span = slice(prefix.start, prefix.start + prefix.length)
-        return torch.cat([prefix_keys[:, :, span], key], dim=2), torch.cat([prefix_values[:, :, span], value], dim=2)
+        used = prefix.length + key.shape[2]
+        padded = -(-used // multiple) * multiple
+        if padded == used:
+            return torch.cat([prefix_keys[:, :, span], key], dim=2), torch.cat([prefix_values[:, :, span], value], dim=2)
+        joined = []
+        for prefix_part, own in ((prefix_keys[:, :, span], key), (prefix_values[:, :, span], value)):
+            out = own.new_empty((*own.shape[:2], padded, own.shape[3]))
+            out[:, :, : prefix.length] = prefix_part
+            out[:, :, prefix.length : used] = own
+            # Zeros, not whatever the memory held: a hidden key still enters the products, and a
+            # NaN bit pattern there would survive the mask.
+            out[:, :, used:].zero_()
+            joined.append(out)
+        return joined[0], joined[1]
 
-    def mask(self, length: int, prefix_length: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``(rows * length, prefix_length + length)`` mask: where a query sees a key (all of the
-        prefix, its own tokens causally).
+    def mask(
+        self, length: int, prefix_length: int, rows: int, dtype: torch.dtype, device: torch.device, keys: int | None = None
+    ) -> torch.Tensor:
+        """``(rows * length, keys)`` mask: where a query sees a key (all of the prefix, its own
+        tokens causally, none of the padding keys past ``prefix_length + length``).
 
-        ``dtype`` ``torch.bool``: True where it sees. Otherwise additive, of that dtype: 0 where
-        it sees, ``-inf`` elsewhere (SDPA would turn a boolean mask into this at every call). The
-        ``length`` query rows repeat ``rows`` times, for query heads folded into rows (see
+        ``keys`` defaults to ``prefix_length + length`` (no padding). ``dtype`` ``torch.bool``:
+        True where it sees. Otherwise additive, of that dtype: 0 where it sees, ``-inf``
+        elsewhere (SDPA would turn a boolean mask into this at every call). The ``length`` query
+        rows repeat ``rows`` times, for query heads folded into rows (see
         :func:`_prefixed_attention`). Built once per shape and reused by every layer.
         """
-        key = (length, prefix_length, rows, dtype)
-        if key not in self._masks:
-            queries = torch.arange(length, device=device)[:, None]
-            keys = torch.arange(prefix_length + length, device=device)[None, :]
-            hidden = keys > queries + prefix_length
+        keys = prefix_length + length if keys is None else keys
+        cache_key = (length, prefix_length, rows, dtype, keys)
+        if cache_key not in self._masks:
+            query_index = torch.arange(length, device=device)[:, None]
+            key_index = torch.arange(keys, device=device)[None, :]
+            hidden = key_index > query_index + prefix_length
             if dtype == torch.bool:
                 mask = ~hidden
             else:
                 mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
-            self._masks[key] = mask.repeat(rows, 1) if rows > 1 else mask
-        return self._masks[key]
+            self._masks[cache_key] = mask.repeat(rows, 1) if rows > 1 else mask
+        return self._masks[cache_key]
 
 
 # Largest additive mask (elements) :func:`_prefixed_attention` keeps for a pass (8 MB in bf16: a
@@ -143,6 +162,14 @@ FOLD_MASK_ELEMENTS = 2**22
 # project's checkpoints (mean score difference 0.0035 against 0.0047 when short segments were
 # folded too); from 64 tokens on, folded and unfolded blocks take the same path.
 FOLD_MIN_TOKENS = 64
+# Key counts are rounded up to a multiple of this for CPU attention in bf16. SDPA's CPU kernel
+# multiplies bf16 blocks on AMX tiles of 32 values; with a key count that is not a multiple of
+# 32 its probabilities-times-values product runs a slow tail path (oneDNN's verbose log: 25-28 us
+# for a 64 x 274 x 128 block against 6-10 us for the 64 x 128 x 274 block of scores). One
+# segment of 200 tokens after a 74-token prefix: 1.48 ms with 274 keys, 0.68 ms with 288, of
+# which 14 are zero keys under the mask (docs/benchmarks.md). A hidden key's probability is
+# exactly 0, so the result is the same attention; float32 runs another kernel and is not padded.
+KEY_BLOCK = 32
 
 
 # A graph break under torch.compile (rerank_core.compiled): a Python loop over the pass's layout.
@@ -167,15 +194,23 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         if prefix is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k, v = segments.with_prefix(prefix, layer, k, v)
+            k, v = segments.with_prefix(prefix, layer, k, v, key_multiple(q))
             o = _prefixed_attention(segments, q, k, v, prefix.length, scaling)
         out[:, start:end] = o.transpose(1, 2)
         start = end
     return out, None
 
 
+def key_multiple(query: torch.Tensor) -> int:
+    """What :meth:`Segments.with_prefix` rounds a segment's key count up to for ``query``'s attention."""
+    return KEY_BLOCK if query.device.type == "cpu" and query.dtype == torch.bfloat16 else 1
+
+
 def _prefixed_attention(segments: Segments, q, k, v, prefix_length: int, scaling) -> torch.Tensor:
     """One segment's attention over its prefix and itself; ``(1, heads, length, dim)``.
+
+    ``k``/``v`` hold the prefix's keys, then the segment's, then any padding keys
+    (:meth:`Segments.with_prefix`), which the mask hides.
 
     On CPU, with grouped-query attention, the query heads that share a key head are folded into
     rows: ``(1, kv_heads, groups * length, dim)`` against that head's keys. The kernel then runs
@@ -189,19 +224,20 @@ def _prefixed_attention(segments: Segments, q, k, v, prefix_length: int, scaling
     """
     heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
     groups = heads // k.shape[1]
-    elements = length * (prefix_length + length)
+    keys = k.shape[2]
+    elements = length * keys
     if (
         q.device.type == "cpu"
         and groups > 1
         and length >= FOLD_MIN_TOKENS
         and groups * elements <= FOLD_MASK_ELEMENTS
     ):
-        mask = segments.mask(length, prefix_length, groups, q.dtype, q.device)
+        mask = segments.mask(length, prefix_length, groups, q.dtype, q.device, keys)
         folded = q.reshape(1, k.shape[1], groups * length, dim)
         # reshape, not view: a kernel may return its output in another memory layout.
         return F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scaling).reshape(1, heads, length, dim)
     dtype = q.dtype if elements <= FOLD_MASK_ELEMENTS else torch.bool
-    mask = segments.mask(length, prefix_length, 1, dtype, q.device)
+    mask = segments.mask(length, prefix_length, 1, dtype, q.device, keys)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 

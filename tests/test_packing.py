@@ -41,7 +41,8 @@ def test_prefixed_attention_matches_grouped_sdpa(monkeypatch, dtype, tolerance, 
     groups = heads // kv_heads
     folded = fold and groups > 1 and length >= packing.FOLD_MIN_TOKENS
     # With the limit at 0 no additive mask is kept: the boolean one, as stock SDPA takes it.
-    assert list(segments._masks) == [(length, prefix_length, groups if folded else 1, dtype if fold else torch.bool)]
+    keys = prefix_length + length
+    assert list(segments._masks) == [(length, prefix_length, groups if folded else 1, dtype if fold else torch.bool, keys)]
 
 
 def test_long_segments_keep_a_boolean_mask(monkeypatch):
@@ -49,7 +50,7 @@ def test_long_segments_keep_a_boolean_mask(monkeypatch):
     monkeypatch.setattr(packing, "FOLD_MASK_ELEMENTS", 1000)
     q, k, v, segments, prefix_length = _inputs(torch.bfloat16, 16, 8, 100)
     out = _prefixed_attention(segments, q, k, v, prefix_length, None)
-    assert list(segments._masks) == [(100, prefix_length, 1, torch.bool)]
+    assert list(segments._masks) == [(100, prefix_length, 1, torch.bool, prefix_length + 100)]
     assert torch.equal(out, _reference(q, k, v, prefix_length))
 
 
@@ -71,3 +72,49 @@ def test_segment_masks_are_built_once_per_shape():
     block = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert seen == block + block
     assert mask.dtype == torch.bfloat16 and mask.float().min().item() == float("-inf")
+
+
+def test_segment_masks_hide_padding_keys():
+    segments = Segments([2], [PrefixRef(0, 0, 1)])
+    mask = segments.mask(2, 1, 1, torch.bool, torch.device("cpu"), keys=5)
+    assert mask.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]
+
+
+def _stored(dtype, kv_heads, length, prefix_length=74):
+    """A segment's own keys/values and a Segments whose store 0, layer 0, holds its prefix's."""
+    q, k, v, _, _ = _inputs(dtype, 16, kv_heads, length, prefix_length)
+    store = [(k[:, :, :prefix_length], v[:, :, :prefix_length])]
+    segments = Segments([length], [PrefixRef(0, 0, prefix_length)], [store])
+    return q, k, v, segments
+
+
+@pytest.mark.parametrize("length, padded", [(20, 96), (22, 96), (150, 224), (300, 384)])
+def test_with_prefix_pads_keys_with_zeros_to_a_multiple(length, padded):
+    q, k, v, segments = _stored(torch.bfloat16, 8, length)
+    keys, values = segments.with_prefix(segments.prefixes[0], 0, k[:, :, 74:], v[:, :, 74:], 32)
+    assert keys.shape == values.shape == (1, 8, padded, 128)
+    used = 74 + length
+    assert torch.equal(keys[:, :, :used], k) and torch.equal(values[:, :, :used], v)
+    assert not keys[:, :, used:].any() and not values[:, :, used:].any()
+    unpadded = segments.with_prefix(segments.prefixes[0], 0, k[:, :, 74:], v[:, :, 74:])
+    assert torch.equal(unpadded[0], k) and torch.equal(unpadded[1], v)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 4e-3), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("fold_limit", [packing.FOLD_MASK_ELEMENTS, 0, 1000])
+@pytest.mark.parametrize("length", [20, 100, 300])
+def test_padded_keys_give_the_same_attention(monkeypatch, dtype, tolerance, fold_limit, length):
+    """Zero keys past a segment's own, hidden by the mask, leave its attention as it was
+    (folded, unfolded with an additive mask, and past the limit with a boolean one)."""
+    monkeypatch.setattr(packing, "FOLD_MASK_ELEMENTS", fold_limit)
+    q, k, v, segments = _stored(dtype, 8, length)
+    keys, values = segments.with_prefix(segments.prefixes[0], 0, k[:, :, 74:], v[:, :, 74:], 32)
+    assert keys.shape[2] % 32 == 0 and keys.shape[2] > 74 + length
+    out = _prefixed_attention(segments, q, keys, values, 74, None)
+    assert (out.float() - _reference(q, k, v, 74).float()).abs().max().item() <= tolerance
+    assert all(key[-1] == keys.shape[2] for key in segments._masks)
+
+
+def test_keys_are_padded_for_bf16_on_cpu_only():
+    assert packing.key_multiple(torch.zeros(1, dtype=torch.bfloat16)) == packing.KEY_BLOCK == 32
+    assert packing.key_multiple(torch.zeros(1, dtype=torch.float32)) == 1

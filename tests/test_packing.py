@@ -118,3 +118,34 @@ def test_padded_keys_give_the_same_attention(monkeypatch, dtype, tolerance, fold
 def test_keys_are_padded_for_bf16_on_cpu_only():
     assert packing.key_multiple(torch.zeros(1, dtype=torch.bfloat16)) == packing.KEY_BLOCK == 32
     assert packing.key_multiple(torch.zeros(1, dtype=torch.float32)) == 1
+
+
+@pytest.mark.parametrize("dtype, multiple, tolerance", [(torch.bfloat16, 32, 4e-3), (torch.float32, 1, 1e-6)])
+def test_segment_attention_pads_bf16_keys_per_segment(dtype, multiple, tolerance):
+    """Through the registered attention function: each segment of a packed row (two queries'
+    prefixes, segments of several lengths) gets keys padded for its dtype, and the same
+    attention as stock SDPA over its own prefix and itself."""
+    torch.manual_seed(0)
+    lengths = [20, 70, 33]
+    stores = [[(torch.randn(1, 4, 124, 128, dtype=dtype), torch.randn(1, 4, 124, 128, dtype=dtype))]]
+    prefixes = [PrefixRef(0, 0, 74), PrefixRef(0, 0, 74), PrefixRef(0, 74, 50)]
+    segments = Segments(lengths, prefixes, stores)
+    tokens = sum(lengths)
+    query = torch.randn(1, tokens, 8, 128, dtype=dtype).transpose(1, 2)
+    key, value = (torch.randn(1, tokens, 4, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    out, _ = packing.segment_attention(module, query, key, value, segments)
+    start = 0
+    for length, prefix in zip(lengths, prefixes):
+        end = start + length
+        span = slice(prefix.start, prefix.start + prefix.length)
+        k = torch.cat([stores[0][0][0][:, :, span], key[:, :, start:end]], dim=2)
+        v = torch.cat([stores[0][0][1][:, :, span], value[:, :, start:end]], dim=2)
+        want = _reference(query[:, :, start:end], k, v, prefix.length).transpose(1, 2)
+        assert (out[:, start:end].float() - want.float()).abs().max().item() <= tolerance
+        start = end
+    used = {(length, prefix.length) for length, prefix in zip(lengths, prefixes)}
+    keys = {(cached[0], cached[1]): cached[4] for cached in segments._masks}
+    assert set(keys) == used
+    assert all(count == -(-(length + prefix) // multiple) * multiple for (length, prefix), count in keys.items())

@@ -112,19 +112,17 @@ class Segments:
         prefix_keys, prefix_values = self.stores[prefix.store][layer]
         span = slice(prefix.start, prefix.start + prefix.length)
         used = prefix.length + key.shape[2]
-        padded = -(-used // multiple) * multiple
-        if padded == used:
-            return torch.cat([prefix_keys[:, :, span], key], dim=2), torch.cat([prefix_values[:, :, span], value], dim=2)
-        joined = []
-        for prefix_part, own in ((prefix_keys[:, :, span], key), (prefix_values[:, :, span], value)):
-            out = own.new_empty((*own.shape[:2], padded, own.shape[3]))
-            out[:, :, : prefix.length] = prefix_part
-            out[:, :, prefix.length : used] = own
-            # Zeros, not whatever the memory held: a hidden key still enters the products, and a
-            # NaN bit pattern there would survive the mask.
-            out[:, :, used:].zero_()
-            joined.append(out)
-        return joined[0], joined[1]
+        padding = -(-used // multiple) * multiple - used
+
+        def join(stored: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+            parts = [stored[:, :, span], own]
+            if padding:
+                # Zeros, not whatever the memory held: a hidden key still enters the products, and
+                # a NaN bit pattern there would survive the mask.
+                parts.append(own.new_zeros((*own.shape[:2], padding, own.shape[3])))
+            return torch.cat(parts, dim=2)
+
+        return join(prefix_keys, key), join(prefix_values, value)
 
     def mask(
         self, length: int, prefix_length: int, rows: int, dtype: torch.dtype, device: torch.device, keys: int | None = None

@@ -6,8 +6,8 @@ Run from the repository root:
     python bench/attention.py --heads 32 --variants padded,unpadded
 
 One sample is one layer's attention over 16 segments of 45..420 tokens (seeded), each with a
-74-token prefix, as ``rerank_core.packing.segment_attention`` runs it: the prefix's keys joined to
-the segment's (``Segments.with_prefix``), then ``_prefixed_attention``. Variants:
+74-token prefix: one call of ``rerank_core.packing.segment_attention``, the function the model's
+layers call. Variants:
 
 * ``padded``: the defaults (query heads folded, key counts rounded up to ``packing.KEY_BLOCK``);
 * ``unpadded``: folded, key counts as they are;
@@ -32,30 +32,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rerank_core import packing  # noqa: E402
 from rerank_core.memory import reuse_freed_memory  # noqa: E402
-from rerank_core.packing import PrefixRef, Segments, _prefixed_attention  # noqa: E402
+from rerank_core.packing import PrefixRef, Segments, segment_attention  # noqa: E402
 
 PREFIX = 74
 
 
-# name: (FOLD_MASK_ELEMENTS, key multiple)
+# name: (FOLD_MASK_ELEMENTS, KEY_BLOCK)
 VARIANTS = {
     "padded": (packing.FOLD_MASK_ELEMENTS, packing.KEY_BLOCK),
     "unpadded": (packing.FOLD_MASK_ELEMENTS, 1),
     "unfolded": (0, 1),
 }
-
-
-def layer_attention(q, k, v, lengths, segments, multiple: int) -> torch.Tensor:
-    """One layer's packed attention over ``lengths``, as ``segment_attention`` runs it."""
-    out = q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
-    start = 0
-    for length, prefix in zip(lengths, segments.prefixes):
-        end = start + length
-        keys, values = segments.with_prefix(prefix, 0, k[:, :, start:end], v[:, :, start:end], multiple)
-        o = _prefixed_attention(segments, q[:, :, start:end], keys, values, PREFIX, None)
-        out[:, start:end] = o.transpose(1, 2)
-        start = end
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     segments = Segments(lengths, [PrefixRef(0, 0, PREFIX)] * len(lengths), [[(pk, pv)]])
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
 
+    layer = torch.nn.Module()
+    layer.layer_idx = 0  # the layer whose recorded prefix keys the segments read
+
     def run(name: str) -> torch.Tensor:
-        packing.FOLD_MASK_ELEMENTS, multiple = variants[name]
-        return layer_attention(q, k, v, lengths, segments, multiple)
+        packing.FOLD_MASK_ELEMENTS, packing.KEY_BLOCK = variants[name]
+        return segment_attention(layer, q, k, v, segments)[0]
 
     outputs = {name: run(name) for name in variants}
     print(f"segments {lengths} ({tokens} tokens), {args.heads}/{args.kv_heads} heads, {args.dtype}")

@@ -74,7 +74,8 @@ class ModelArgs(_Strict):
     compile_layers: bool | None = Field(
         None,
         description="Decoder layers compiled by torch.compile, attention left eager (compiled at start-up; "
-        "default: on for CPU in bfloat16/float16 with packed passes; eager layers if compiling fails).",
+        "default: on for CPU in bfloat16/float16 with packed passes on CPUs with native bf16 (AMX, AVX512-BF16), "
+        "off elsewhere; needs packing; eager layers if compiling fails).",
     )
     max_chunks_per_doc: int = Field(
         1, ge=1, description="Default most windows per long document; its score is the best window's "

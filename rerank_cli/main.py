@@ -20,7 +20,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # rerank_core.config.DTYPES
 EPILOG = """\
 exit status: 0 on success, 1 when the work fails (the model cannot be found, downloaded or
 loaded; a file cannot be written; a batch fails), 2 for bad options or inputs.
-environment: RERANK_HUB (default hub), RERANK_CACHE_DIR (default download cache)."""
+environment: RERANK_HUB (default hub), RERANK_CACHE_DIR (default download cache),
+  ONEDNN_MAX_CPU_ISA (e.g. AVX2: choose and run as a CPU with no more than that ISA).
+
+defaults by device (--dtype auto; the same for serve and batch, whose layers are compiled
+where this says so; run compiles only with --compile):
+  x86 CPU with AMX or AVX512-BF16 (Xeon 4th gen and later, Cooper Lake, AMD Zen 4 and later):
+      bfloat16, packed passes, compiled layers; bf16 keys padded to AMX tiles where there is AMX
+  other x86 CPUs (AVX2, or AVX-512 without bf16: AMD EPYC Rome/Milan, older Xeons):
+      float32 (bf16 is emulated there, about 4x slower), packed passes, eager layers
+  CUDA GPU: bfloat16, packed varlen passes, eager layers
+  batch invariance is off everywhere (an option); every dtype runs on every CPU kind."""
 
 RUN_EPILOG = """\
 inputs (-i, repeatable, in order):
@@ -146,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar on stderr (shown above 64 documents when stderr is a terminal)")
     run.add_argument("--compile", action="store_true",
-                     help="compile the decoder layers with torch.compile where the engine does by default (CPU in "
-                          "bf16): about 1.27x faster scoring for 10-30 s more start-up, so worth it above a few "
-                          "hundred documents (default: off for run; serve and batch compile)")
+                     help="compile the decoder layers with torch.compile (in any dtype): in bf16 on a CPU with "
+                          "AMX about 1.27x faster scoring for 10-30 s more start-up, so worth it above a few "
+                          "hundred documents (default: off for run; serve and batch compile where bf16 is native)")
     run.set_defaults(handler="rerank_cli.run_cmd:run")
 
     ls = commands.add_parser(

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # stderr is for errors and our own progress bar
     _check_device(args.device)
     # One-off runs are mostly start-up: compiling the layers (rerank_core.compiled) would add more
-    # seconds than it saves on a few documents, so it is opt-in here (None: the engine's default).
-    config = EngineConfig(compile_layers=None if args.compile else False)
+    # seconds than it saves on a few documents, so it is opt-in here, on any CPU kind and dtype.
+    config = EngineConfig(compile_layers=bool(args.compile))
     reranker = Reranker.load(path, device=args.device, dtype=args.dtype, max_length=args.max_length, config=config)
     # A bar redraws itself with `\r`: on a terminal only, never into a log file or a pipe.
     show_progress = len(inputs.documents) > PROGRESS_ABOVE and not args.no_progress and sys.stderr.isatty()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu import cpu_features
 from .invariant import DEFAULT_TILE_ROWS
 from .prompt import DEFAULT_MAX_LENGTH
 
@@ -30,7 +31,9 @@ DEFAULT_BATCH_INVARIANT: dict[str, bool] = {}
 # Compiled decoder layers (rerank_core.compiled) by device type, in bfloat16/float16 and packed
 # passes. On CPU in bf16 they fuse the norms, RoPE, SwiGLU and residual adds between the matrix
 # products (docs/benchmarks.md); in float32 that work is a small share and the exact mode stays
-# eager. CUDA would need Triton and is not measured: off.
+# eager. On a CPU without native bf16 (rerank_core.cpu) the emulated matrix products dominate a
+# bf16 pass and compiling was never measured to pay there: eager unless asked for. CUDA would need
+# Triton and is not measured: off.
 DEFAULT_COMPILE_LAYERS = {"cpu": True}
 
 
@@ -38,16 +41,10 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), as torch reports it.
 
     There bf16 matrix products run several times faster than fp32 (about 5x with AMX); elsewhere
-    bf16 is emulated and slower than fp32.
+    bf16 is emulated and slower than fp32. See :func:`rerank_core.cpu.cpu_features` (which honours
+    ``ONEDNN_MAX_CPU_ISA``).
     """
-    if not torch.backends.mkldnn.is_available():
-        return False
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is not None:
-        found = capabilities()
-        return bool(found.get("amx_bf16") or found.get("avx512_bf16"))
-    # torch < 2.8 has no get_capabilities, but these two.
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return cpu_features().native_bf16
 
 
 # How packed passes run attention: "segments", one SDPA call per row (any device, any dtype);
@@ -94,8 +91,8 @@ class EngineConfig:
         compile_layers: run each decoder layer compiled by ``torch.compile``, attention left
             eager (:mod:`rerank_core.compiled`; needs a C++ compiler on CPU; compiled at
             start-up, eager layers kept if compiling fails; packed passes only); ``None``: by
-            device and dtype (:data:`DEFAULT_COMPILE_LAYERS`: on for CPU in bfloat16/float16, off
-            otherwise).
+            device and dtype (:data:`DEFAULT_COMPILE_LAYERS`: on for CPU in bfloat16/float16 where
+            the CPU multiplies bf16 natively, off otherwise).
     """
 
     device: str = "auto"
@@ -124,6 +121,8 @@ class EngineConfig:
             raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
         if self.batch_invariant and self.packing is False:
             raise ValueError("batch_invariant needs packed passes (packing=True or None)")
+        if self.compile_layers and self.packing is False:
+            raise ValueError("compile_layers needs packed passes (packing=True or None); padded passes run eagerly")
         if self.packed_attention is not None and self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(
                 f"packed_attention must be None or one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}"
@@ -168,6 +167,8 @@ class EngineConfig:
             return False
         if self.compile_layers is not None:
             return self.compile_layers
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            return False
         return dtype in HALF_DTYPES and DEFAULT_COMPILE_LAYERS.get(device.type, False)
 
     def packed_attention_for(self, device: torch.device, dtype: torch.dtype) -> str:

@@ -14,9 +14,10 @@ on where in the tile it lies (checked by ``tests/test_invariance.py`` for every 
 the released models). Everything else in a packed pass is either computed per token (norms, RoPE,
 activations, embeddings) or per segment (attention), so a score depends only on its own pair.
 
-On a CPU with oneDNN and a bf16 model the weight is also reordered once into the blocked layout
-the kernel reads (``torch.ops.mkldnn._reorder_linear_weight``), instead of on every call, and the
-plain weight is dropped, so this costs no memory. The tile size trades the padding of the last
+On a CPU whose oneDNN has bf16 kernels (:func:`can_prepack`) a bf16 weight is also reordered once
+into the blocked layout the kernel reads (``torch.ops.mkldnn._reorder_linear_weight``), instead of
+on every call, and the plain weight is dropped, so this costs no memory. On other CPUs (AVX2 only)
+the tiles multiply the plain weight with torch's own bf16 kernels, which are just as invariant. The tile size trades the padding of the last
 tile (up to ``tile_rows - 1`` rows per layer and pass) against the speed of each product.
 """
 
@@ -25,14 +26,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu import cpu_features
+
 DEFAULT_TILE_ROWS = 256
 
 
-def _can_prepack(weight: torch.Tensor) -> bool:
+def can_prepack(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` can be reordered once for oneDNN: a CPU bf16 weight, on a CPU where
+    torch's oneDNN has bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT, :mod:`rerank_core.cpu`).
+    Elsewhere torch refuses the reorder, and the tiles multiply the plain weight."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
+        and cpu_features().onednn_bf16
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
@@ -59,7 +65,7 @@ class TiledLinear(torch.nn.Module):
         self.out_features = linear.out_features
         self.tile_rows = tile_rows
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.prepacked = prepack and _can_prepack(weight)
+        self.prepacked = prepack and can_prepack(weight)
         if self.prepacked:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, tile_rows)
         else:

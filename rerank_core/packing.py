@@ -32,6 +32,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from .cpu import cpu_features
+
 ATTENTION_NAME = "rerank_core_segments"
 
 # Per layer: (keys, values) of one packed pass, each (1, kv_heads, tokens, head_dim).
@@ -166,7 +168,8 @@ FOLD_MIN_TOKENS = 64
 # for a 64 x 274 x 128 block against 6-10 us for the 64 x 128 x 274 block of scores). One
 # segment of 200 tokens after a 74-token prefix: 1.48 ms with 274 keys, 0.68 ms with 288, of
 # which 14 are zero keys under the mask (docs/benchmarks.md). A hidden key's probability is
-# exactly 0, so the result is the same attention; float32 runs another kernel and is not padded.
+# exactly 0, so the result is the same attention; float32 runs another kernel and is not padded,
+# nor are CPUs without AMX, whose bf16 kernel has no such tiles.
 KEY_BLOCK = 32
 
 
@@ -200,8 +203,11 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def key_multiple(query: torch.Tensor) -> int:
-    """What :meth:`Segments.with_prefix` rounds a segment's key count up to for ``query``'s attention."""
-    return KEY_BLOCK if query.device.type == "cpu" and query.dtype == torch.bfloat16 else 1
+    """What :meth:`Segments.with_prefix` rounds a segment's key count up to for ``query``'s attention:
+    :data:`KEY_BLOCK` in bf16 on a CPU with AMX (:mod:`rerank_core.cpu`), 1 elsewhere."""
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and cpu_features().amx_bf16:
+        return KEY_BLOCK
+    return 1
 
 
 def _prefixed_attention(segments: Segments, q, k, v, prefix_length: int, scaling) -> torch.Tensor:

@@ -93,7 +93,10 @@ def test_the_console_script_is_installed():
 
 def test_help_describes_every_command_and_option():
     expected = {
-        (): ["run", "list", "download", "serve", "batch", "exit status"],
+        (): ["run", "list", "download", "serve", "batch", "exit status", "ONEDNN_MAX_CPU_ISA",
+             # The defaults each kind of device gets (tests/test_cpu.py checks the choices themselves).
+             "x86 CPU with AMX or AVX512-BF16", "bfloat16, packed passes, compiled layers",
+             "other x86 CPUs (AVX2", "float32 (bf16 is emulated there", "CUDA GPU: bfloat16, packed varlen"],
         ("run",): ["--model", "--input", "query:", "file://", ".txt", ".jsonl", "--top-k", "--instruction",
                    "--max-length", "--max-chunks", "--device", "--dtype", "--hub", "--cache-dir", "--json", "--output",
                    "--no-progress", "qwen3-reranker-0.6b"],
@@ -277,7 +280,9 @@ def test_run_compiles_the_layers_only_when_asked(tiny_checkpoint):
         return [r["relevance_score"] for r in sorted(ranked_, key=lambda r: r["index"])]
 
     eager = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=False))
-    compiled = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    compiled = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=True)
+    )
     expected_eager, expected_compiled = eager.score(SEED_QUERY, SEED_DOCS), compiled.score(SEED_QUERY, SEED_DOCS)
     close(scores(), expected_eager, tol=1e-6)
     if compiled.compiled_layers:  # a machine without a C++ compiler runs eagerly either way

@@ -12,6 +12,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3Rot
 import rerank_core.compiled as compiled_module
 from rerank_core import EngineConfig, Reranker
 from rerank_core.compiled import compile_layers, compiled, decoder_layers, uncompile_layers
+from rerank_core.cpu import force_cpu_features
+from tests.cpu_kinds import CPU_KINDS
 
 QUERY = "how do solar panels turn sunlight into electricity"
 DOCS = [
@@ -64,16 +66,24 @@ def test_compiled_layers_match_transformers_and_share_one_compilation(tiny_check
     assert not compiled(layers) and torch.equal(_run(layers, rotary, hidden), eager)
 
 
-def test_default_by_device_dtype_and_layout():
+@pytest.mark.parametrize("kind", ["AMX", "AVX512-BF16", "AVX-512", "AVX2"])
+def test_default_by_device_dtype_layout_and_cpu_kind(kind):
     config = EngineConfig()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert config.compiled_layers(cpu, torch.bfloat16) and config.compiled_layers(cpu, torch.float16)
-    assert not config.compiled_layers(cpu, torch.float32)  # the exact mode stays eager
-    assert not config.compiled_layers(cuda, torch.bfloat16)
-    assert EngineConfig(compile_layers=True).compiled_layers(cpu, torch.float32)
-    assert not EngineConfig(compile_layers=False).compiled_layers(cpu, torch.bfloat16)
-    # Padded passes are never compiled.
-    assert not EngineConfig(packing=False, compile_layers=True).compiled_layers(cpu, torch.bfloat16)
+    native = kind in ("AMX", "AVX512-BF16")
+    with force_cpu_features(CPU_KINDS[kind]):
+        # On by default in half precision where bf16 is native (where it was measured), else eager.
+        assert config.compiled_layers(cpu, torch.bfloat16) is native
+        assert config.compiled_layers(cpu, torch.float16) is native
+        assert not config.compiled_layers(cpu, torch.float32)  # the exact mode stays eager
+        assert not config.compiled_layers(cuda, torch.bfloat16)
+        assert EngineConfig(compile_layers=True).compiled_layers(cpu, torch.float32)
+        assert EngineConfig(compile_layers=True).compiled_layers(cpu, torch.bfloat16)
+        assert not EngineConfig(compile_layers=False).compiled_layers(cpu, torch.bfloat16)
+    # Padded passes are never compiled: asking for both is refused.
+    with pytest.raises(ValueError, match="compile_layers needs packed passes"):
+        EngineConfig(packing=False, compile_layers=True)
+    assert not EngineConfig(packing=False).compiled_layers(cpu, torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,10 @@ def fp32_scores(tiny_checkpoint):
 
 @needs_compiler
 def test_bf16_engine_runs_compiled_layers_and_scores_as_closely(tiny_checkpoint, fp32_scores):
-    compiled_engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    # Asked for explicitly: the default depends on the CPU kind (test_default_by_...).
+    compiled_engine = Reranker.load(
+        str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=True)
+    )
     eager_engine = Reranker.load(
         str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=False)
     )
@@ -119,7 +132,9 @@ def test_a_compile_failure_falls_back_to_eager_layers(tiny_checkpoint, monkeypat
 
     monkeypatch.setattr(compiled_module, "compiled_forward", broken)
     with caplog.at_level("WARNING", logger="rerank_core.reranker"):
-        engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+        engine = Reranker.load(
+            str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=True)
+        )
     assert not engine.compiled_layers and not compiled(engine.scorer.backbone)
     assert engine.compiled_layers_failure == "RuntimeError: no C++ compiler found"
     assert "running them eagerly" in caplog.text

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from rerank_core import EngineConfig, QueryTooLongError, Reranker
+from rerank_core.cpu import cpu_features, force_cpu_features
+from tests.cpu_kinds import CPU_KINDS
 from tests.reference import official_scores
 
 QUERY = "What is the capital of China?"
@@ -228,18 +230,18 @@ def test_packed_queries_with_different_prefix_lengths(tiny_checkpoint, budget, p
         _close(scores, alone)
 
 
-def test_auto_device_dtype_and_padding_on_cpu(reranker, monkeypatch):
+def test_auto_device_dtype_and_padding_on_cpu(reranker):
     config = EngineConfig()
     assert str(config.torch_device()) == "cpu"
     # bf16 where the CPU multiplies it natively, as torch reports; float32 elsewhere.
     import rerank_core.config as config_module
 
-    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda native=native: native)
-        assert config.torch_dtype() == dtype
-    monkeypatch.undo()
-    capabilities = torch.cpu.get_capabilities()
-    assert config_module.cpu_has_native_bf16() == bool(capabilities["amx_bf16"] or capabilities["avx512_bf16"])
+    for kind, dtype in (("AMX", torch.bfloat16), ("AVX512-BF16", torch.bfloat16), ("AVX-512", torch.float32),
+                        ("AVX2", torch.float32)):
+        with force_cpu_features(CPU_KINDS[kind]):
+            assert config.torch_dtype() == dtype, kind
+    # This CPU's own answer (rerank_core.cpu, checked against torch in tests/test_cpu.py).
+    assert config_module.cpu_has_native_bf16() == cpu_features().native_bf16
     assert EngineConfig(dtype="float32").torch_dtype() == torch.float32
     assert reranker.scorer.batch_invariant is False  # an option: it costs about 15 % on CPU
     assert not config.invariant(torch.device("cpu")) and not config.invariant(torch.device("cuda"))

@@ -68,7 +68,9 @@ def test_tile_linear_layers_replaces_every_linear_layer():
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def engine(request, tiny_checkpoint):
     # Small budgets so that the big call runs several passes of different sizes.
-    config = EngineConfig(max_batch_tokens=700, max_batch_pairs=6, batch_invariant=True)
+    # bf16 with compiled layers on every kind of CPU (their default depends on the kind).
+    compile_ = True if request.param == "bfloat16" else None
+    config = EngineConfig(max_batch_tokens=700, max_batch_pairs=6, batch_invariant=True, compile_layers=compile_)
     return Reranker.load(str(tiny_checkpoint), device="cpu", dtype=request.param, config=config)
 
 

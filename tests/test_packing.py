@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from rerank_core import packing
-from rerank_core.config import cpu_has_native_bf16
+from rerank_core.cpu import cpu_features, force_cpu_features
 from rerank_core.packing import PrefixRef, Segments, _prefixed_attention
+from tests.cpu_kinds import CPU_KINDS
 
 
 def _reference(q, k, v, prefix_length):
@@ -54,11 +55,11 @@ def test_long_segments_keep_a_boolean_mask(monkeypatch):
     assert torch.equal(out, _reference(q, k, v, prefix_length))
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the claim is about CPUs that multiply bf16 natively")
 @pytest.mark.parametrize("heads,kv_heads", [(16, 8), (32, 8)])
 @pytest.mark.parametrize("length", [20, 45, 63, 64, 100, 300])
 def test_bf16_attention_is_bit_identical_to_unfolded(heads, kv_heads, length):
-    """Short segments are not folded, longer ones take the kernel's same path folded or not."""
+    """Short segments are not folded, longer ones take the kernel's same path folded or not
+    (on AMX Xeons and on AVX2-only EPYCs alike, torch 2.13)."""
     q, k, v, segments, prefix_length = _inputs(torch.bfloat16, heads, kv_heads, length)
     assert torch.equal(_prefixed_attention(segments, q, k, v, prefix_length, None), _reference(q, k, v, prefix_length))
 
@@ -115,16 +116,28 @@ def test_padded_keys_give_the_same_attention(monkeypatch, dtype, tolerance, fold
     assert all(key[-1] == keys.shape[2] for key in segments._masks)
 
 
-def test_keys_are_padded_for_bf16_on_cpu_only():
-    assert packing.key_multiple(torch.zeros(1, dtype=torch.bfloat16)) == packing.KEY_BLOCK == 32
-    assert packing.key_multiple(torch.zeros(1, dtype=torch.float32)) == 1
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+def test_keys_are_padded_for_bf16_on_cpus_with_amx_only(kind):
+    """The padding avoids a tail path of SDPA's AMX kernel; other CPUs have no AMX tiles."""
+    with force_cpu_features(CPU_KINDS[kind]):
+        expected = packing.KEY_BLOCK if kind == "AMX" else 1
+        assert packing.key_multiple(torch.zeros(1, dtype=torch.bfloat16)) == expected
+        assert packing.key_multiple(torch.zeros(1, dtype=torch.float32)) == 1
+    assert packing.KEY_BLOCK == 32
+    # This CPU, as the probe reports it (checked against torch in tests/test_cpu.py).
+    native = packing.key_multiple(torch.zeros(1, dtype=torch.bfloat16))
+    assert native == (32 if cpu_features().amx_bf16 else 1)
 
 
-@pytest.mark.parametrize("dtype, multiple, tolerance", [(torch.bfloat16, 32, 4e-3), (torch.float32, 1, 1e-6)])
-def test_segment_attention_pads_bf16_keys_per_segment(dtype, multiple, tolerance):
+@pytest.mark.parametrize(
+    "kind, dtype, multiple, tolerance",
+    [("AMX", torch.bfloat16, 32, 4e-3), ("AVX2", torch.bfloat16, 1, 4e-3), ("AMX", torch.float32, 1, 1e-6)],
+)
+def test_segment_attention_pads_bf16_keys_per_segment(kind, dtype, multiple, tolerance):
     """Through the registered attention function: each segment of a packed row (two queries'
-    prefixes, segments of several lengths) gets keys padded for its dtype, and the same
-    attention as stock SDPA over its own prefix and itself."""
+    prefixes, segments of several lengths) gets keys padded for its dtype and CPU kind (padded
+    keys run on any CPU: only the choice is the kind's), and the same attention as stock SDPA
+    over its own prefix and itself."""
     torch.manual_seed(0)
     lengths = [20, 70, 33]
     stores = [[(torch.randn(1, 4, 124, 128, dtype=dtype), torch.randn(1, 4, 124, 128, dtype=dtype))]]
@@ -135,7 +148,8 @@ def test_segment_attention_pads_bf16_keys_per_segment(dtype, multiple, tolerance
     key, value = (torch.randn(1, tokens, 4, 128, dtype=dtype).transpose(1, 2) for _ in range(2))
     module = torch.nn.Module()
     module.layer_idx = 0
-    out, _ = packing.segment_attention(module, query, key, value, segments)
+    with force_cpu_features(CPU_KINDS[kind]):
+        out, _ = packing.segment_attention(module, query, key, value, segments)
     start = 0
     for length, prefix in zip(lengths, prefixes):
         end = start + length

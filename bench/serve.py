@@ -31,7 +31,9 @@ Reported as well: its pairs/s and latencies, this service over vLLM, and the lar
 difference between the two servers on the first round, and whether they counted the same prompt
 tokens.
 
-Targets: served/direct >= 0.9; served (CPU config, default dtype) >= 1.5x ``vllm serve`` bf16.
+Targets: served/direct >= 0.9; served (CPU config, default dtype) >= 1.3x ``vllm serve`` at its
+native dtype for the CPU (``--vllm-dtype``: bfloat16 where bf16 is native, float32 on AVX2-only CPUs).
+The output names the CPU (``rerank_core.cpu``): compare figures of one CPU kind only.
 """
 
 from __future__ import annotations
@@ -227,6 +229,10 @@ def main(argv=None) -> dict:
     rounds = [make_requests(opts.requests, opts.docs, seed=1 + r) for r in range(opts.repeats)]
     warmup = make_requests(max(2, opts.clients), opts.docs, seed=1000)
     port = _free_port()
+    # The local cluster as `rerank serve` starts one (its control-loop setting).
+    from rerank_cli.serve_cmd import local_cluster_env
+
+    os.environ.update(local_cluster_env())
     ray.init(num_cpus=max(2, replica_cpus), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(**args)), name="bench", route_prefix="/")
@@ -264,7 +270,10 @@ def main(argv=None) -> dict:
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
+    from rerank_core.cpu import cpu_features
+
     figures = {
+        "cpu": cpu_features().describe(),  # a figure is this CPU's only
         "checkpoint": checkpoint,
         "dtype": dtype,
         "clients": opts.clients,
@@ -306,7 +315,7 @@ def main(argv=None) -> dict:
         print(f"{key:<{width}}  {shown}")
     print(f"target served/direct >= 0.90: {'met' if figures['served_over_direct'] >= 0.9 else 'NOT met'}")
     if vllm:
-        print(f"target served/vllm >= 1.50: {'met' if figures['served_over_vllm'] >= 1.5 else 'NOT met'}")
+        print(f"target served/vllm >= 1.30: {'met' if figures['served_over_vllm'] >= 1.3 else 'NOT met'}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(figures, indent=2))
     return figures

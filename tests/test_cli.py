@@ -534,8 +534,8 @@ def test_serve_patches_a_temporary_copy_of_the_default_config(monkeypatch, tiny_
     original = default.read_text()
     seen = {}
 
-    def fake_run_child(command):
-        seen["command"] = command
+    def fake_run_child(command, env=None):
+        seen["command"], seen["env"] = command, env
         seen["config"] = yaml.safe_load(Path(command[command.index("run") + 1]).read_text())
         return 0
 
@@ -548,6 +548,7 @@ def test_serve_patches_a_temporary_copy_of_the_default_config(monkeypatch, tiny_
 
     command, config = seen["command"], seen["config"]
     assert command[-2:] == ["--address", "local"]  # a new local cluster, never someone else's
+    assert seen["env"]["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "1" and seen["env"]["PATH"] == os.environ["PATH"]
     assert not Path(command[command.index("run") + 1]).exists()  # the temporary copy is removed
     expected = yaml.safe_load(original)
     expected["applications"][0]["args"]["models"][0].update(
@@ -558,6 +559,14 @@ def test_serve_patches_a_temporary_copy_of_the_default_config(monkeypatch, tiny_
     assert capsys.readouterr().out.strip() == (
         f"rerank: serving {default} with model source '{tiny_checkpoint.resolve()}' at http://0.0.0.0:8123/ "
         f"(Ctrl-C to stop)")
+
+
+def test_a_local_cluster_gets_the_control_loop_setting_unless_the_environment_has_one():
+    from rerank_cli.serve_cmd import local_cluster_env
+
+    assert local_cluster_env({"PATH": "/bin"}) == {"PATH": "/bin", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1"}
+    mine = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
+    assert local_cluster_env(mine) == mine
 
 
 def test_serve_watch_reports_the_first_failed_deployment_in_one_line(capsys):
@@ -672,6 +681,11 @@ def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpo
             time.sleep(1)
         cluster = _descendants(process.pid)
         assert len(cluster) > 3  # serve run, gcs_server, raylet, workers, ...
+        # The cluster runs Serve's control loop at rerank serve's setting (rerank_cli.serve_cmd).
+        controllers = [pid for pid in cluster if b"ServeController" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert controllers
+        environ = Path(f"/proc/{controllers[0]}/environ").read_bytes().split(b"\0")
+        assert b"RAY_SERVE_CONTROL_LOOP_INTERVAL_S=1" in environ
 
         first_line = log_path.read_text().splitlines()[0]
         default_config = REPO / "configs" / "serve-cpu.yaml"

@@ -19,7 +19,8 @@ Variants (``--variants``, comma-separated):
 * ``packed-variant``: ``packed`` with ``batch_invariant=False`` spelled out (the default since
   batch invariance became an option; before, it was ``packed`` without invariance);
 * ``bf16``: ``packed`` in bfloat16 with the CPU defaults (the default dtype on CPUs with AMX or
-  AVX512-BF16; decoder layers compiled, :mod:`rerank_core.compiled`);
+  AVX512-BF16; decoder layers compiled there, eager on CPUs without native bf16,
+  :mod:`rerank_core.compiled`);
 * ``bf16-variant``: ``bf16`` with ``batch_invariant=False`` spelled out;
 * ``bf16-invariant``: ``bf16`` with batch-invariant linear layers (``batch_invariant=True``);
 * ``bf16-eager``: ``bf16`` with transformers' eager decoder layers (``compile_layers=False``);

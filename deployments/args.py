@@ -155,6 +155,10 @@ class AppArgs(_Strict):
                     f"model {m.name!r}: batching.max_batch_size ({m.batching.max_batch_size}) must be "
                     f">= chunk_pairs ({self.chunk_pairs}), or chunks could never be batched"
                 )
+            try:  # the engine's own checks (e.g. settings that need packed passes), before any replica starts
+                m.engine_config()
+            except ValueError as e:
+                raise ValueError(f"model {m.name!r}: {e}") from None
         return self
 
     def default_model_name(self) -> str:

@@ -21,7 +21,8 @@ EPILOG = """\
 exit status: 0 on success, 1 when the work fails (the model cannot be found, downloaded or
 loaded; a file cannot be written; a batch fails), 2 for bad options or inputs.
 environment: RERANK_HUB (default hub), RERANK_CACHE_DIR (default download cache),
-  ONEDNN_MAX_CPU_ISA (e.g. AVX2: choose and run as a CPU with no more than that ISA).
+  ONEDNN_MAX_CPU_ISA (e.g. AVX2: choose as a CPU with no more than that ISA; oneDNN runs its
+  kernels for it), read by this process and by the Ray cluster it starts.
 
 defaults by device (--dtype auto; the same for serve and batch, whose layers are compiled
 where this says so; run compiles only with --compile):
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar on stderr (shown above 64 documents when stderr is a terminal)")
     run.add_argument("--compile", action="store_true",
-                     help="compile the decoder layers with torch.compile (in any dtype): in bf16 on a CPU with "
+                     help="compile the decoder layers with torch.compile (any dtype; packed passes only): in bf16 on a CPU with "
                           "AMX about 1.27x faster scoring for 10-30 s more start-up, so worth it above a few "
                           "hundred documents (default: off for run; serve and batch compile where bf16 is native)")
     run.set_defaults(handler="rerank_cli.run_cmd:run")

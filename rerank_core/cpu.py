@@ -15,16 +15,18 @@ The engine's CPU paths depend on a few instruction-set features:
 
 :func:`cpu_features` reads ``torch.cpu.get_capabilities()`` (cpuinfo) and torch's own oneDNN
 probe once. oneDNN's ceiling on the instruction set, ``ONEDNN_MAX_CPU_ISA`` (or its older name
-``DNNL_MAX_CPU_ISA``), is honoured too: with ``ONEDNN_MAX_CPU_ISA=AVX2`` an AMX Xeon runs and
-chooses exactly as an AVX2-only CPU does (oneDNN itself then refuses its AVX-512 and AMX kernels,
-and torch's oneDNN probe follows it), which is how the AVX2 paths are tested on AMX machines
-(``scripts/test-cpu-kind``). A ceiling can only lower what the CPU has.
+``DNNL_MAX_CPU_ISA``), is honoured too: with ``ONEDNN_MAX_CPU_ISA=AVX2`` an AMX Xeon chooses as an
+AVX2-only CPU does, and oneDNN runs its AVX2 kernels (torch's oneDNN probe follows it). torch's
+own kernels and MKL's fp32 products have settings of their own (``ATEN_CPU_CAPABILITY=avx2``,
+``MKL_ENABLE_INSTRUCTIONS=AVX2``); ``scripts/test-cpu-kind`` sets all three, which is how the AVX2
+paths are tested on AMX machines. A ceiling can only lower what the CPU has.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from dataclasses import asdict, dataclass, replace
 
@@ -34,7 +36,8 @@ import torch
 # current spellings of the AVX512_CORE_FP16 / AMX ones). Each feature below needs at least one.
 ONEDNN_ISAS = (
     "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-    "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL",
+    "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+    "AVX10_2_512_AMX_2", "ALL",
 )
 _ISA_ALIASES = {
     "AVX512_CORE_FP16": "AVX10_1_512",
@@ -42,7 +45,9 @@ _ISA_ALIASES = {
     "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16",
     "DEFAULT": "ALL",
 }
-# The lowest oneDNN ISA that still allows each feature.
+# The lowest oneDNN ISA that still allows each feature. oneDNN's AVX2_VNNI levels are not strictly
+# below AVX512_CORE (an AVX-512 ceiling drops AVX-NE-CONVERT there); treated as a line here, which
+# changes no choice: under an AVX-512 ceiling oneDNN has bf16 kernels through AVX-512 either way.
 _NEEDS = {
     "avx2": "AVX2",
     "avx_ne_convert": "AVX2_VNNI_2",
@@ -51,6 +56,8 @@ _NEEDS = {
     "amx_bf16": "AVX10_1_512_AMX",
 }
 CEILING_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+log = logging.getLogger(__name__)
 
 
 def onednn_isa(name: str) -> str:
@@ -128,24 +135,31 @@ class CpuFeatures:
 
 
 def _ceiling() -> str | None:
+    """The ceiling in the environment, or ``None``; a name oneDNN does not know is ignored with a
+    warning, as oneDNN itself ignores it."""
     for variable in CEILING_VARIABLES:
         value = os.environ.get(variable, "").strip()
         if value:
-            return value
+            try:
+                return onednn_isa(value)
+            except ValueError as e:
+                log.warning("%s ignored: %s", variable, e)
+                return None
     return None
 
 
 def probe() -> CpuFeatures:
     """Read the features from torch now (uncached; :func:`cpu_features` is the cached one).
 
-    Raises:
-        ValueError: ``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA`` holds a name oneDNN does not know.
+    A ``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA`` that oneDNN does not know is ignored (logged).
     """
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is not None:
         found = capabilities()
-    else:  # torch < 2.8: only these two are reported
-        found = {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+    else:  # torch < 2.8: these two, and ATen's own dispatch level for AVX-512
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        found = {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+                 **{f: avx512 for f in ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq")}}
     mkldnn = torch.backends.mkldnn.is_available()
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     features = CpuFeatures(
@@ -156,7 +170,7 @@ def probe() -> CpuFeatures:
         avx512_bf16=mkldnn and bool(found.get("avx512_bf16")),
         amx_bf16=mkldnn and bool(found.get("amx_bf16")),
         avx_ne_convert=bool(found.get("avx_ne_convert")),
-        onednn_bf16=mkldnn and bool(check()) if check is not None else False,
+        onednn_bf16=(mkldnn and bool(check())) if check is not None else False,
     )
     ceiling = _ceiling()
     return features.capped(ceiling) if ceiling else features
@@ -179,6 +193,9 @@ def cpu_features() -> CpuFeatures:
 @contextlib.contextmanager
 def force_cpu_features(features: CpuFeatures):
     """Make every choice read ``features`` inside the block (tests of another CPU kind's choices).
+
+    Process-wide, not per thread (the compute thread must see it too), and not thread-safe: for
+    tests, one block at a time.
 
     Only the engine's choices change: torch and oneDNN still run this CPU's kernels, so forcing
     features this CPU lacks (AMX on an AVX2 CPU) is for checking choices, not for running them.

@@ -109,6 +109,11 @@ class Reranker:
         compile_ = (
             config.compiled_layers(device, parameter.dtype) and self.scorer.packing and compile_layers(decoder) > 0
         )
+        if config.compile_layers and not self.scorer.packing:
+            # Asked for, but this engine runs padded passes (packing resolved off for the device and
+            # dtype, or the varlen check fell back): said, not silently dropped.
+            self.compiled_layers_failure = "padded passes are never compiled"
+            log.warning("compile_layers is on but this engine runs padded passes; running the layers eagerly")
         try:
             # The probe also compiles the layers now rather than in the first request.
             self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rerank_core import Reranker
+from rerank_core.cpu import cpu_features
 from rerank_core.synthetic import build_checkpoint
+
+# oneDNN reads its ISA ceiling (ONEDNN_MAX_CPU_ISA) once, at its first ISA query, and keeps it for
+# the process: query it now, with the environment the suite was started with, before any test
+# changes that variable (tests/test_cpu.py), and probe this CPU once likewise.
+torch.ops.mkldnn._is_mkldnn_bf16_supported()
+cpu_features()
 
 
 @pytest.fixture(scope="session")

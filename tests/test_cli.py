@@ -655,6 +655,14 @@ def _still_running(processes: dict[int, str]) -> dict[int, str]:
     return running
 
 
+def _read_proc(pid: int, name: str) -> bytes:
+    """``/proc/PID/NAME``, or nothing for a process that has exited meanwhile."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process checks read /proc")
 def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpoint, served_engine, tmp_path):
@@ -682,9 +690,9 @@ def test_serve_runs_the_app_until_sigint_then_stops_its_ray_cluster(tiny_checkpo
         cluster = _descendants(process.pid)
         assert len(cluster) > 3  # serve run, gcs_server, raylet, workers, ...
         # The cluster runs Serve's control loop at rerank serve's setting (rerank_cli.serve_cmd).
-        controllers = [pid for pid in cluster if b"ServeController" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        controllers = [pid for pid in cluster if b"ServeController" in _read_proc(pid, "cmdline")]
         assert controllers
-        environ = Path(f"/proc/{controllers[0]}/environ").read_bytes().split(b"\0")
+        environ = _read_proc(controllers[0], "environ").split(b"\0")
         assert b"RAY_SERVE_CONTROL_LOOP_INTERVAL_S=1" in environ
 
         first_line = log_path.read_text().splitlines()[0]

@@ -117,10 +117,16 @@ def test_bf16_engine_runs_compiled_layers_and_scores_as_closely(tiny_checkpoint,
         compiled_engine.score(QUERY, DOCS * 5)
 
 
-def test_fp32_and_padded_engines_stay_eager(reranker, tiny_checkpoint):
+def test_fp32_and_padded_engines_stay_eager(reranker, tiny_checkpoint, monkeypatch, caplog):
     assert not reranker.compiled_layers and not compiled(reranker.scorer.backbone)
     padded = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(packing=False))
     assert not padded.compiled_layers and padded.compiled_layers_failure is None
+    # Asked for where packing resolves off (as on CUDA in fp32): said, not silently dropped.
+    monkeypatch.setattr(EngineConfig, "packed", lambda self, device, dtype=None: False)
+    with caplog.at_level("WARNING", logger="rerank_core.reranker"):
+        asked = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="float32", config=EngineConfig(compile_layers=True))
+    assert not asked.compiled_layers and asked.compiled_layers_failure == "padded passes are never compiled"
+    assert "compile_layers is on but this engine runs padded passes" in caplog.text
 
 
 def test_a_compile_failure_falls_back_to_eager_layers(tiny_checkpoint, monkeypatch, caplog):

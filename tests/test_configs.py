@@ -74,3 +74,12 @@ def test_long_document_settings_and_their_bounds():
             AppArgs(models=[{"name": "m", "source": "x", **model}])
     with pytest.raises(ValueError, match="max_pairs"):
         AppArgs(models=[{"name": "m", "source": "x"}], max_pairs=0)
+
+
+def test_engine_settings_that_cannot_run_are_refused_with_the_config():
+    """Refused when the config is validated (as `serve run` builds the app), never when a replica starts."""
+    path = next(p for p in CONFIGS if p.name == "serve-cpu.yaml")
+    args = yaml.safe_load(path.read_text())["applications"][0]["args"]
+    args["models"][0].update(packing=False, compile_layers=True)
+    with pytest.raises(ValidationError, match="model 'qwen3-reranker-0.6b': compile_layers needs packed passes"):
+        AppArgs(**args)

@@ -24,7 +24,8 @@ from tests.test_compiled import HAS_COMPILER
 # (on an AVX2-only CPU that run would be the native one again).
 KINDS = {"native": {}}
 if cpu_features().isa in ("AMX", "AVX512-BF16", "AVX-512"):
-    KINDS["AVX2"] = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    # oneDNN, torch's own kernels and MKL's, capped alike (as scripts/test-cpu-kind does).
+    KINDS["AVX2"] = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # Largest |score - model card's fp32 score| on the tiny checkpoint, by dtype.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 1e-2}
 SETTINGS = list(settings())

@@ -32,7 +32,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from .batching import plan_batches, plan_packed
@@ -43,6 +45,7 @@ from .kept_rows import supports as kept_rows_supported
 from .memory import release_freed_memory, reuse_freed_memory
 from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
+from .staging import Staging
 
 
 class _PrefixKV:
@@ -118,9 +121,11 @@ class PairScorer:
             holds it), which behaves as SDPA for any other input.
         packed_attention: how packed passes run attention: ``None`` for one SDPA call per row
             (:mod:`rerank_core.packing`), or an object with a ``name`` (a registered attention
-            implementation) and ``prepare(segments, device)`` returning the mask that
-            implementation takes (:class:`~rerank_core.varlen.VarlenAttention`: one
-            variable-length kernel call per layer, for CUDA).
+            implementation), ``plan(segments)`` returning the pass's layout as host arrays
+            (:class:`~rerank_core.varlen.HostLayout`) and ``prepare(segments, layout)``
+            returning the mask that implementation takes, given that layout on the device
+            (:class:`~rerank_core.varlen.VarlenAttention`: one variable-length kernel call per
+            layer, for CUDA).
         batch_invariant: make every score bit-identical whatever else shares its pass (needs
             ``packing``): the backbone's linear layers are replaced, in place, by fixed-tile ones
             (:mod:`rerank_core.invariant`), and a query's shared part always runs as a prefix,
@@ -165,6 +170,9 @@ class PairScorer:
             # behaves as before outside packed passes.
             backbone.set_attn_implementation(packed_attention.name if packed_attention else ATTENTION_NAME)
         self.device = next(backbone.parameters()).device
+        # A pass's integer inputs reach the device in one transfer that does not wait for the
+        # device (rerank_core.staging), so the host prepares the next pass while one runs.
+        self.staging = Staging(self.device)
         # transformers renamed the forward argument `past_key_values` to `cache` (5.x).
         params = inspect.signature(backbone.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -214,6 +222,9 @@ class PairScorer:
     def _score_packed(self, queries: Sequence[EncodedQuery], rows, scores) -> BatchScores:
         passes = tokens = 0
         stores: list = []
+        # Per pass, its rows and their logits, left on the device: one read at the end of the call
+        # rather than a wait for the device after every pass.
+        results: list[tuple[list[int], torch.Tensor]] = []
         prefix_of: list[PrefixRef | None] = [None] * len(queries)
         # A prefix pays off from two documents on; a query with one runs as one whole pair, unless
         # scores must not depend on batch-mates: a whole pair rounds differently.
@@ -254,12 +265,13 @@ class PairScorer:
                 record_tokens=sum(prefix_lengths) if needed else None,
             )
             hidden = self._run_packed(lead + [pieces[i] for i in plan], segments, segments.ends()[len(lead) :])
-            probs = self.head(hidden).cpu().tolist()
-            for i, p in zip(plan, probs):
-                q, d = rows[i]
-                scores[q][d] = p
+            results.append((plan, self.head(hidden)))
             passes += 1
             tokens += sum(segments.lengths)
+        logits = torch.cat([logit for _, logit in results]).cpu().tolist()
+        for i, p in zip((i for plan, _ in results for i in plan), logits):
+            q, d = rows[i]
+            scores[q][d] = p
         return BatchScores(scores, ForwardStats(len(rows), passes, tokens, tokens))
 
     def _run_prefix_passes(self, queries: Sequence[EncodedQuery], needed: list[int], prefix_of: list, stores: list):
@@ -289,19 +301,29 @@ class PairScorer:
         return plan_packed(lengths, self.max_batch_tokens, self.max_batch_pairs)
 
     def _run_packed(self, pieces: list[list[int]], segments: Segments, keep: list[int]) -> torch.Tensor:
-        """Final hidden states ``(len(keep), hidden)`` of rows ``keep`` of one packed row made of ``pieces``."""
-        ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=self.device)
-        positions = torch.tensor(segments.positions(), dtype=torch.long, device=self.device)
+        """Final hidden states ``(len(keep), hidden)`` of rows ``keep`` of one packed row made of ``pieces``.
+
+        Every integer input of the pass (ids, positions, the rows kept, the attention layout) is
+        built on the host as arrays and reaches the device in one transfer (:attr:`staging`);
+        nothing here waits for the device.
+        """
+        # np.fromiter over the pieces: 8x faster than torch.tensor of a flattened list.
+        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=sum(segments.lengths))
+        host = [ids, segments.position_array(), np.asarray(keep, dtype=np.int64)]
+        layout = self.packed_attention.plan(segments) if self.packed_attention is not None else None
+        if layout is not None:
+            host += layout.arrays
+        ids_t, positions_t, keep_t, *layout_t = self.staging.to_device(host)
         if self.kept_rows_only:
-            return forward_kept_rows(self.backbone, ids[None], positions[None], segments, keep)
-        mask = segments if self.packed_attention is None else self.packed_attention.prepare(segments, self.device)
+            return forward_kept_rows(self.backbone, ids_t[None], positions_t[None], segments, keep)
+        mask = segments if layout is None else self.packed_attention.prepare(segments, layout.on_device(layout_t))
         return self.backbone(
-            input_ids=ids[None],
-            position_ids=positions[None],
+            input_ids=ids_t[None],
+            position_ids=positions_t[None],
             # A prepared mapping: transformers passes it to the attention function as it is.
             attention_mask={"full_attention": mask},
             use_cache=False,
-        ).last_hidden_state[0, keep]
+        ).last_hidden_state[0, keep_t]
 
     def _plan(self, lengths: list[int]) -> list[list[int]]:
         return plan_batches(lengths, self.max_batch_tokens, self.max_batch_pairs, self.max_padding)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -77,19 +78,25 @@ class Segments:
 
     def ends(self) -> list[int]:
         """Index of each segment's last token in the row."""
-        out, end = [], 0
-        for length in self.lengths:
-            end += length
-            out.append(end - 1)
-        return out
+        return self.end_array().tolist()
+
+    def end_array(self) -> np.ndarray:
+        """:meth:`ends` as an int64 array."""
+        return np.cumsum(np.asarray(self.lengths, dtype=np.int64)) - 1
+
+    def prefix_lengths(self) -> np.ndarray:
+        """Each segment's prefix length (0 without one), int64."""
+        return np.asarray([p.length if p is not None else 0 for p in self.prefixes], dtype=np.int64)
 
     def positions(self) -> list[int]:
         """Position id of every token: each segment continues after its prefix."""
-        out: list[int] = []
-        for length, prefix in zip(self.lengths, self.prefixes):
-            start = prefix.length if prefix else 0
-            out.extend(range(start, start + length))
-        return out
+        return self.position_array().tolist()
+
+    def position_array(self) -> np.ndarray:
+        """:meth:`positions` as an int64 array, built without a Python loop over tokens."""
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths  # each segment's first index in the row
+        return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(self.prefix_lengths() - starts, lengths)
 
     def record_layer(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append one layer's keys/values ``(1, kv_heads, tokens, dim)`` to :attr:`record`, if set.

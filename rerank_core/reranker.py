@@ -95,10 +95,14 @@ class Reranker:
         packing = config.packed(device, parameter.dtype)
         # Why the varlen packed path was replaced by padded passes at start-up (None: it was not).
         self.packed_check_failure: str | None = None
+        # The largest |packed - padded| probe score difference the check found (None: no check ran).
+        self.packed_check_difference: float | None = None
         if packing and config.packed_attention_for(device, parameter.dtype) == "varlen":
+            report: dict = {}
             self.scorer, self.packed_check_failure = checked_scorer(
-                scorer(True, VarlenAttention(varlen_kernel)), scorer(False), self.encoder.encode
+                scorer(True, VarlenAttention(varlen_kernel)), scorer(False), self.encoder.encode, report=report
             )
+            self.packed_check_difference = report.get("max_abs_diff")
         else:
             self.scorer = scorer(packing)
         self.device = device

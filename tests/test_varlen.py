@@ -73,6 +73,49 @@ def test_varlen_layout_without_prefixes_uses_the_keys_as_they_are():
     assert layout.own_dst is None and layout.sources == ()
 
 
+def _layout_by_token(segments: Segments):
+    """The layout, one token at a time: an independent statement of what build_layout computes."""
+    cu_q, cu_k, own_dst, gathers = [0], [0], [], {}
+    for length, prefix in zip(segments.lengths, segments.prefixes):
+        start = cu_k[-1]
+        p = prefix.length if prefix else 0
+        for k in range(p):
+            src, dst = gathers.setdefault(prefix.store, ([], []))
+            src.append(prefix.start + k)
+            dst.append(start + k)
+        own_dst += [start + p + t for t in range(length)]
+        cu_q.append(cu_q[-1] + length)
+        cu_k.append(start + p + length)
+    return cu_q, cu_k, own_dst if gathers else None, {s: g for s, g in sorted(gathers.items())}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_varlen_layout_matches_a_token_by_token_layout(seed):
+    g = torch.Generator().manual_seed(seed)
+    count = int(torch.randint(1, 40, (1,), generator=g))
+    lengths = torch.randint(1, 30, (count,), generator=g).tolist()
+    prefixes = []
+    for _ in range(count):
+        if seed % 5 == 0 or torch.rand(1, generator=g) < 0.3:
+            prefixes.append(None)  # every fifth case: no prefixes at all
+        else:
+            store, start, length = (int(x) for x in torch.randint(0, 3, (1,), generator=g).tolist()
+                                    + torch.randint(0, 50, (1,), generator=g).tolist()
+                                    + torch.randint(1, 20, (1,), generator=g).tolist())
+            prefixes.append(PrefixRef(store, start, length))
+    segments = Segments(lengths, prefixes)
+    layout = build_layout(segments)
+    cu_q, cu_k, own_dst, gathers = _layout_by_token(segments)
+    assert layout.cu_seq_q.tolist() == cu_q and layout.cu_seq_k.tolist() == cu_k
+    assert (layout.own_dst.tolist() if layout.own_dst is not None else None) == own_dst
+    assert {s.store: (s.src.tolist(), s.dst.tolist()) for s in layout.sources} == gathers
+    assert layout.total_k == cu_k[-1] and layout.max_q == max(lengths)
+    assert layout.max_k == max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    expected_positions = [(p.length if p else 0) + t for n, p in zip(lengths, prefixes) for t in range(n)]
+    assert segments.positions() == expected_positions
+    assert segments.ends() == [sum(lengths[: i + 1]) - 1 for i in range(count)]
+
+
 # --- the reference kernel ---------------------------------------------------------------------
 
 
@@ -204,6 +247,8 @@ def padded_engine(tiny_checkpoint):
 def test_varlen_engine_matches_the_cpu_packed_path(varlen_engine, reranker, padded_engine):
     """Queries with different prefix lengths and single-document queries in one call, fp32."""
     assert varlen_engine.packed_check_failure is None
+    # The check's margin is recorded: in fp32 the two paths differ by rounding only.
+    assert 0.0 <= varlen_engine.packed_check_difference < TOL
     assert isinstance(varlen_engine.scorer.packed_attention, VarlenAttention)
     assert reranker.scorer.packing and reranker.scorer.packed_attention is None  # per-segment SDPA
     got = _score(varlen_engine)
@@ -225,6 +270,24 @@ def test_varlen_engine_across_many_passes_and_prefix_stores(tiny_checkpoint, rer
     got, want = _score(engine), _score(segments)
     assert got.stats.forward_passes == want.stats.forward_passes > 4
     _close(got.scores, want.scores)
+
+
+def test_varlen_passes_stage_their_inputs_once_and_the_call_reads_the_device_once(tiny_checkpoint, monkeypatch):
+    """Nothing between passes waits for the device: one staged transfer per pass, one read per call."""
+    engine = _load(tiny_checkpoint, max_batch_tokens=120, max_batch_pairs=3)
+    encoded = [engine.encode(q, d, i) for q, d, i in QUERIES]
+    want = engine.scorer.score(encoded).scores
+    transfers, reads = [], []
+    staging = engine.scorer.staging
+    real_to_device, real_cpu = staging.to_device, torch.Tensor.cpu
+    monkeypatch.setattr(staging, "to_device", lambda arrays: transfers.append(len(arrays)) or real_to_device(arrays))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(self.shape) or real_cpu(self, *a, **k))
+    got = engine.scorer.score(encoded)
+    assert got.scores == want
+    assert len(transfers) == got.stats.forward_passes > 4
+    # ids, positions, kept rows, then the layout's arrays (prefix passes have no gathers).
+    assert min(transfers) >= 5
+    assert len(reads) == 1 and reads[0] == (sum(len(e.documents) for e in encoded),)
 
 
 def test_varlen_engine_without_prefix_sharing(tiny_checkpoint, reranker):

@@ -239,3 +239,12 @@ def broken_links(page: Path) -> list[str]:
 @pytest.mark.parametrize("page", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
 def test_links_reach_their_files_and_headings(page):
     assert broken_links(page) == []
+
+
+def test_readme_config_example_is_a_valid_serve_config():
+    """The README's `models[]` entry validates as the application's args, with the settings it names."""
+    block = re.search(r"```yaml\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    args = AppArgs(**yaml.safe_load(block))
+    model = args.models[0]
+    assert (model.dtype, model.batch_invariant) == ("auto", True)
+    assert model.engine_config().invariant(torch.device("cpu"), torch.float32)

@@ -199,6 +199,8 @@ def test_readme_requirements_are_pyprojects():
     assert f"`torch` ≥ {lower_bound('torch')}" in text
     assert f"`ray[serve,data]` ≥ {lower_bound('ray')}" in text
     assert f"`transformers` {lower_bound('transformers').split('.')[0]}.x" in text
+    pinned = re.search(r'TORCH_SPEC:-(torch==[^}"]+)', (REPO / "scripts" / "setup").read_text()).group(1)
+    assert f"`scripts/setup` pins `{pinned}` when none is installed" in text
 
 
 # --- Shape and links ----------------------------------------------------------------------------

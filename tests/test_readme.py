@@ -173,6 +173,36 @@ def test_http_api_limits_table_matches_the_defaults_and_both_configs():
             assert number(row[f"configs/{config}"]) == config_value(name, config), (name, config)
 
 
+def test_configuration_page_states_the_args_defaults():
+    """Every row of docs/configuration.md's Serve config table whose default is numbers."""
+    rows = table((DOCS / "configuration.md").read_text(), "## Serve config (`args`)")
+    checked = 0
+    for row in rows:
+        names = [name.strip().removeprefix("models[].") for name in row["key"].split(",")]
+        values = [value.strip() for value in row["default"].split(",")]
+        if len(names) == len(values) and all(re.fullmatch(r"[\d.]+", v) for v in values):
+            for name, value in zip(names, values):
+                assert float(value) == arg_default(name), name
+                checked += 1
+    assert checked >= 7
+
+
+def test_configuration_page_states_the_engine_defaults():
+    """Numeric defaults of the Engine settings table are ``EngineConfig``'s; the rest name the device."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    rows = table((DOCS / "configuration.md").read_text(), "## Engine settings")
+    assert {name.strip() for row in rows for name in row["setting"].split(",")} == set(defaults) - {"device"}
+    for row in rows:
+        names = [name.strip() for name in row["setting"].split(",")]
+        values = [value.strip() for value in row["default"].split(",")]
+        if len(names) == len(values) and all(re.fullmatch(r"[\d.]+", v) for v in values):
+            assert [float(v) for v in values] == [defaults[n] for n in names], names
+        elif row["default"] in ("on", "off"):
+            assert defaults[names[0]] is (row["default"] == "on"), names
+
+
 # --- Requirements -------------------------------------------------------------------------------
 
 

@@ -47,6 +47,22 @@ def test_describe_reports_the_features_the_engine_chooses_from():
     assert len(info["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
+def test_describe_lists_each_cuda_device(monkeypatch):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    names = ["NVIDIA H200", "NVIDIA H100 80GB HBM3"]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name=names[i], total_memory=(140 - 60 * i) * 2**30))
+    info = hardware.describe()
+    assert info["gpus"] == [{"name": "NVIDIA H200", "memory_gib": 140.0},
+                            {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 80.0}]
+    assert "GPU NVIDIA H200 (140.0 GiB), GPU NVIDIA H100 80GB HBM3 (80.0 GiB);" in hardware.summary(info)
+
+
 def test_summary_names_cpu_isa_bf16_and_gpu():
     cpu = {"model": "AMD EPYC", "family": "25", "model_number": "1", "cores": 2, "logical_cpus": 4,
            "isa": "AVX2", "native_bf16": False, "ceiling": None}

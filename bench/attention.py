@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.hardware import summary  # noqa: E402
 from rerank_core import packing  # noqa: E402
 from rerank_core.memory import reuse_freed_memory  # noqa: E402
 from rerank_core.packing import PrefixRef, Segments, segment_attention  # noqa: E402
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
+    print(summary(), flush=True)
     reuse_freed_memory()
     dtype = getattr(torch, args.dtype)
     rng = random.Random(0)

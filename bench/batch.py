@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.hardware import describe, summary  # noqa: E402
 from bench.serve import ensure_checkpoint, make_requests, run_direct  # noqa: E402  (the same workload, checkpoint, timing)
 
 
@@ -112,9 +113,12 @@ def main(argv=None) -> dict:
         figures[f"batch_{n}_actor_pairs_per_s"] = pairs / batch_s
         figures[f"batch_{n}_actor_over_direct"] = direct_s / batch_s
         figures[f"batch_{n}_actor_over_direct_with_load"] = (direct_s + load_seconds) / batch_s
+    hardware = describe()
+    print(summary(hardware))
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    figures["hardware"] = hardware
     if 1 in batch:
         ratio = figures["batch_1_actor_over_direct"]
         print(f"target batch/direct >= 0.85 (1 actor): {'met' if ratio >= 0.85 else 'NOT met'}")

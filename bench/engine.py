@@ -546,11 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    from bench.hardware import describe, summary
+
     checkpoint, built = ensure_checkpoint(args.checkpoint)
     threads = torch.get_num_threads()
     machine = {
         "platform": platform.platform(),
-        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     arch = checkpoint_shape(checkpoint)
     shape_note = "exact Qwen3-Reranker-0.6B shape" if arch == qwen3_06b_shape() else f"NOT the 0.6B shape: {arch}"
+    hardware = describe()
+    print(summary(hardware))
     print(f"checkpoint: {checkpoint} ({'built now' if built else 'reused'}; {shape_note})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torch.get_num_threads()={threads}, interop={torch.get_num_interop_threads()}, cpus={os.cpu_count()}")
@@ -709,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_shape": arch,
             "checkpoint_note": shape_note,
             "machine": machine,
+            "hardware": hardware,
             "workload_a": {
                 "pairs": len(documents),
                 "words": [len(d.split()) for d in documents],
@@ -742,17 +746,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

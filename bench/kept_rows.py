@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine as bench_engine  # noqa: E402  (bench/engine.py: workload, checkpoint)
 
+from bench.hardware import summary  # noqa: E402
 from rerank_core import EngineConfig, Reranker  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--alternations", type=int, default=16)
     args = parser.parse_args(argv)
+    print(summary(), flush=True)
     checkpoint, _ = bench_engine.ensure_checkpoint(args.checkpoint)
     if args.dtype == "bfloat16":
         checkpoint = bench_engine.ensure_bf16_copy(checkpoint)

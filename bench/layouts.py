@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    from bench.hardware import describe, summary  # bench/engine.py put the root on sys.path
+
+    hardware = describe()  # the children run on the same machine
+    print(summary(hardware), flush=True)
     checkpoint, _ = bench_engine.ensure_checkpoint(args.checkpoint)
     samples: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
@@ -160,17 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"  load average {os.getloadavg()[0]:.2f}", flush=True)
     base = statistics.median(s["seconds"] for s in samples[variants[0]])
     base_scores = samples[variants[0]][0]["scores"]
-    summary = {}
+    variants_figures = {}
     print(f"\n{'variant':14s} {'median s':>9s} {'vs ' + variants[0]:>12s} {'faults/call':>12s} {'max diff':>9s}")
     for v in variants:
         median = statistics.median(s["seconds"] for s in samples[v])
         faults = statistics.median(s["minor_faults"] for s in samples[v])
         diff = max(abs(a - b) for s in samples[v] for a, b in zip(s["scores"], base_scores))
-        summary[v] = {"median_s": median, "speedup_vs_first": base / median, "minor_faults_per_call": faults,
-                      "max_abs_score_diff_vs_first": diff, "samples_s": [s["seconds"] for s in samples[v]]}
+        variants_figures[v] = {"median_s": median, "speedup_vs_first": base / median, "minor_faults_per_call": faults,
+                               "max_abs_score_diff_vs_first": diff, "samples_s": [s["seconds"] for s in samples[v]]}
         print(f"{v:14s} {median:9.2f} {base / median:11.3f}x {faults:12.0f} {diff:9.1e}")
     if args.json:
-        args.json.write_text(json.dumps({"variants": summary, "rounds": args.rounds, "calls": args.calls}, indent=2))
+        args.json.write_text(json.dumps({"variants": variants_figures, "rounds": args.rounds, "calls": args.calls,
+                                         "hardware": hardware}, indent=2))
     return 0
 
 

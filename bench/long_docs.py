@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
+    from bench.hardware import describe, summary
     from rerank_core import Reranker
+
+    hardware = describe()
+    print(summary(hardware), flush=True)
 
     if args.tiny:
         from rerank_core.synthetic import build_checkpoint
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_score_difference_vs_best_separate_window": max(
             abs(a - b) for a, b in zip(chunked_scores, best_separate)
         ),
+        "hardware": hardware,
     }
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.engine import DEFAULT_CHECKPOINT, QUERY, ensure_checkpoint, workload_a  # noqa: E402
+from bench.hardware import describe, summary  # noqa: E402
 
 # How vLLM scores the original Qwen3-Reranker checkpoints (a classifier from the yes/no rows).
 VLLM_OVERRIDES = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes.split(",")
     if "vllm" in systems and not args.vllm_python:
         parser.error("--vllm-python is needed to run vllm (or pass --systems engine)")
+    hardware = describe()  # every system's child runs on the same machine
+    print(summary(hardware), flush=True)
     checkpoint, _ = ensure_checkpoint(args.checkpoint)
 
     warmup = workload_a(seed=1000, count=args.documents)
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['max_diff_vs_engine_fp32']:>9.1e}")
     if args.json:
         args.json.write_text(json.dumps({"rounds": args.rounds, "documents": args.documents, "rows": rows,
-                                         "load_average": os.getloadavg()}, indent=2) + "\n")
+                                         "load_average": os.getloadavg(), "hardware": hardware}, indent=2) + "\n")
     return 0
 
 

@@ -33,7 +33,7 @@ tokens.
 
 Targets: served/direct >= 0.9; served (CPU config, default dtype) >= 1.3x ``vllm serve`` at its
 native dtype for the CPU (``--vllm-dtype``: bfloat16 where bf16 is native, float32 on AVX2-only CPUs).
-The output names the CPU (``rerank_core.cpu``): compare figures of one CPU kind only.
+The output and its JSON name the hardware (``bench/hardware.py``): compare figures of one CPU kind only.
 """
 
 from __future__ import annotations
@@ -275,10 +275,10 @@ def main(argv=None) -> dict:
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
-    from rerank_core.cpu import cpu_features
+    from bench.hardware import describe, summary
 
+    hardware = describe()  # a figure is this hardware's only
     figures = {
-        "cpu": cpu_features().describe(),  # a figure is this CPU's only
         "checkpoint": checkpoint,
         "dtype": dtype,
         "clients": opts.clients,
@@ -313,6 +313,7 @@ def main(argv=None) -> dict:
             ),
             "same_prompt_tokens_as_vllm": served[0]["prompt_tokens"] == vllm[0]["prompt_tokens"],
         })
+    print(summary(hardware))
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         shown = f"{value:.3f}" if isinstance(value, float) else (
@@ -321,6 +322,7 @@ def main(argv=None) -> dict:
     print(f"target served/direct >= 0.90: {'met' if figures['served_over_direct'] >= 0.9 else 'NOT met'}")
     if vllm:
         print(f"target served/vllm >= 1.30: {'met' if figures['served_over_vllm'] >= 1.3 else 'NOT met'}")
+    figures["hardware"] = hardware
     if opts.json:
         Path(opts.json).write_text(json.dumps(figures, indent=2))
     return figures

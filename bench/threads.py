@@ -85,8 +85,11 @@ def main(argv=None) -> dict:
         print(json.dumps(child(opts.child, opts.checkpoint, opts.dtype, opts.queries, opts.docs)))
         return {}
 
+    from bench.hardware import describe, summary
     from bench.serve import ensure_checkpoint
 
+    hardware = describe()
+    print(summary(hardware), flush=True)
     checkpoint = ensure_checkpoint(opts.checkpoint, False)
     modes = opts.modes.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -110,6 +113,7 @@ def main(argv=None) -> dict:
             figures[f"{mode}_over_main"] = statistics.median(ratios)
     for key, value in figures.items():
         print(f"{key:<24} {value:.3f}" if isinstance(value, float) else f"{key:<24} {value}")
+    figures["hardware"] = hardware
     if opts.json:
         Path(opts.json).write_text(json.dumps(figures, indent=2))
     return figures

@@ -152,8 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="score a long document as up to N windows of the token budget and keep the best "
                           "(default: 1, the document's start as the model card truncates)")
     run.add_argument("--json", action="store_true",
-                     help="print the POST /rerank response body (with documents) instead of a table")
-    run.add_argument("-o", "--output", metavar="FILE", help="also write the JSON response body to FILE")
+                     help="print the POST /rerank response body (with documents) instead of a table; "
+                          "with -o, write it to FILE only")
+    run.add_argument("-o", "--output", metavar="FILE",
+                     help="write the JSON response body to FILE instead of printing it (the table is still "
+                          "printed without --json)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar on stderr (shown above 64 documents when stderr is a terminal)")
     run.add_argument("--compile", action="store_true",

@@ -41,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
     )
     results = rank(scores, inputs.documents, args.top_k)
     body = response_body(args.model, results, num_tokens)
-    print(to_json(body) if args.json else table(body), flush=True)
+    # The JSON body goes to one place: FILE when -o names one, else stdout with --json. The table
+    # is for people and is printed unless --json asked for JSON.
+    if not args.json:
+        print(table(body), flush=True)
+    elif output is None:
+        print(to_json(body), flush=True)
     if output is not None:
         try:
             output.write_text(to_json(body) + "\n", encoding="utf-8")

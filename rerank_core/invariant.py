@@ -111,3 +111,32 @@ def tile_linear_layers(module: torch.nn.Module, tile_rows: int = DEFAULT_TILE_RO
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, TiledLinear(linear, tile_rows, prepack))
     return len(targets)
+
+
+def untile_linear_layers(module: torch.nn.Module) -> int:
+    """Put plain ``nn.Linear`` layers back for every :class:`TiledLinear` inside ``module``, in place.
+
+    A layer whose weight was reordered for oneDNN (``prepacked``) has no plain weight left and
+    stays tiled (its products are the same ones, in tiles).
+
+    Returns:
+        the number of layers that stay tiled.
+    """
+    kept = 0
+    for name, tiled in [(n, m) for n, m in module.named_modules() if isinstance(m, TiledLinear)]:
+        if tiled.prepacked:
+            kept += 1
+            continue
+        linear = torch.nn.Linear(tiled.in_features, tiled.out_features, bias=tiled.bias is not None,
+                                 device=tiled.weight.device, dtype=tiled.weight.dtype)
+        linear.weight = torch.nn.Parameter(tiled.weight, requires_grad=False)
+        if tiled.bias is not None:
+            linear.bias = torch.nn.Parameter(tiled.bias, requires_grad=False)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, linear)
+    return kept
+
+
+def tiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds any :class:`TiledLinear` (:func:`tile_linear_layers` ran on it)."""
+    return any(isinstance(m, TiledLinear) for m in module.modules())

@@ -12,6 +12,7 @@ from .compiled import compile_layers, compiled, uncompile_layers
 from .config import EngineConfig
 from .forward import PairScorer
 from .head import YesNoHead, answer_token_ids
+from .invariant import tile_linear_layers, untile_linear_layers
 from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
 from .ranking import RankResult, rank
@@ -83,16 +84,22 @@ class Reranker:
         device = parameter.device
         head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)
 
+        packing = config.packed(device, parameter.dtype)
+        # Batch invariance needs fixed-tile linear layers. Both scorers below share one backbone,
+        # so the layers are tiled here, once, for the packed scorer that needs them, and put back
+        # if the varlen check hands the work to padded passes (which promise no invariance).
+        invariant = packing and config.invariant(device, parameter.dtype)
+        if invariant:
+            tile_linear_layers(model.get_decoder(), config.tile_rows)
+
         def scorer(packing: bool, packed_attention=None) -> PairScorer:
             # Only the decoder and the one-row head are kept: the vocabulary projection is never run.
             return PairScorer(
                 model.get_decoder(), head, config.max_batch_tokens, config.max_batch_pairs,
                 config.share_prefix, config.padding_share(device), packing, packed_attention,
-                batch_invariant=packing and config.invariant(device, parameter.dtype), tile_rows=config.tile_rows,
-                reuse_memory=config.reuse_freed_memory,
+                batch_invariant=packing and invariant, reuse_memory=config.reuse_freed_memory,
             )
 
-        packing = config.packed(device, parameter.dtype)
         # Why the varlen packed path was replaced by padded passes at start-up (None: it was not).
         self.packed_check_failure: str | None = None
         # The largest |packed - padded| probe score difference the check found (None: no check ran).
@@ -103,6 +110,8 @@ class Reranker:
                 scorer(True, VarlenAttention(varlen_kernel)), scorer(False), self.encoder.encode, report=report
             )
             self.packed_check_difference = report.get("max_abs_diff")
+            if invariant and not self.scorer.packing and untile_linear_layers(model.get_decoder()):
+                log.warning("padded passes run over weights reordered for tiles; their products stay tiled")
         else:
             self.scorer = scorer(packing)
         self.device = device

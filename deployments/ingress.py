@@ -171,6 +171,11 @@ class RerankIngress:
         """``{query, documents}`` answered by ``{query, scores: [{document, score}]}`` in input order."""
         return adapters.weaviate_response(body, await self._score(adapters.weaviate_job(body)))
 
+    @app.get("/weaviate/meta", response_model=schemas.ModelList, responses=STRING_ERROR_RESPONSES,
+             summary="Weaviate's module meta (shown in its /v1/meta): the served models")
+    async def weaviate_meta(self) -> schemas.ModelList:
+        return self._model_list()
+
     @app.get("/weaviate/.well-known/ready", status_code=204, responses={503: STRING_ERROR_RESPONSES[503]},
              summary="Weaviate's readiness probe: 204 when /health is 200")
     async def weaviate_ready(self) -> None:
@@ -190,6 +195,10 @@ class RerankIngress:
 
     @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES, summary="Served models")
     async def models(self) -> schemas.ModelList:
+        return self._model_list()
+
+    def _model_list(self) -> schemas.ModelList:
+        # Not `self.models()` from another route: the instance's `models` dict shadows that method.
         return schemas.ModelList(
             data=[schemas.ModelCard(id=m.name, aliases=m.aliases, max_length=m.max_length) for m in self.args.models]
         )

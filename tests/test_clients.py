@@ -196,6 +196,11 @@ def test_weaviate_reranker_transformers(service, reranker):
         got += r.json()["scores"]
     assert [s["document"] for s in got] == docs
     close([s["score"] for s in got], reranker.score(QUERY, docs))
+    # ranker_meta.go: GET {origin}/meta, any JSON object, shown in Weaviate's /v1/meta.
+    meta = requests.get(f"{origin}/meta", timeout=30)
+    assert meta.status_code == 200, (meta.status_code, meta.headers, meta.text)
+    meta = meta.json()
+    assert [m["id"] for m in meta["data"]] == [MODEL]
 
 
 @pytest.mark.parametrize("body, fragment", [({"query": "q", "documents": []}, "documents"),

@@ -79,12 +79,27 @@ class Scored:
         return schemas.Usage(prompt_tokens=self.tokens, total_tokens=self.tokens)
 
 
+def _pair_limit(truncate_prompt_tokens: int | None) -> int | None:
+    """vLLM's ``truncate_prompt_tokens`` as a pair cap: -1 and absent mean the model's max_length."""
+    return None if truncate_prompt_tokens in (None, -1) else truncate_prompt_tokens
+
+
+def _cohere_meta(version: str, r: Scored, warnings: list[str] | None = None) -> schemas.CohereMeta:
+    return schemas.CohereMeta(
+        api_version=schemas.CohereApiVersion(version=version),
+        billed_units=schemas.CohereBilledUnits(search_units=1),
+        tokens=schemas.CohereTokens(input_tokens=r.tokens),
+        warnings=warnings or [],
+    )
+
+
 # This project's shape: POST /rerank ------------------------------------------------------------
 
 
 def rerank_job(body: schemas.RerankRequest) -> Job:
     return Job.rerank(body.query, body.documents, model=body.model, instruction=body.instruction,
-                      max_chunks_per_doc=body.max_chunks_per_doc, return_spans=body.return_spans)
+                      max_chunks_per_doc=body.max_chunks_per_doc, return_spans=body.return_spans,
+                      max_pair_tokens=_pair_limit(body.truncate_prompt_tokens))
 
 
 def rerank_response(body: schemas.RerankRequest, r: Scored) -> schemas.RerankResponse:
@@ -100,12 +115,14 @@ def rerank_response(body: schemas.RerankRequest, r: Scored) -> schemas.RerankRes
     )
 
 
-# Jina / vLLM: POST /v1/rerank -----------------------------------------------------------------
+# Jina / vLLM / Cohere v1: POST /v1/rerank -----------------------------------------------------
 
 
 def jina_job(body: schemas.JinaRerankRequest) -> Job:
     return Job.rerank(body.query, body.texts(), model=body.model, instruction=body.instruction,
-                      max_chunks_per_doc=body.max_chunks_per_doc, return_spans=body.return_spans)
+                      max_chunks_per_doc=body.max_chunks_per_doc, return_spans=body.return_spans,
+                      max_pair_tokens=_pair_limit(body.truncate_prompt_tokens),
+                      max_tokens_per_doc=body.max_tokens_per_doc, truncation_side=body.truncation_side)
 
 
 def jina_response(body: schemas.JinaRerankRequest, r: Scored) -> schemas.JinaRerankResponse:
@@ -124,6 +141,7 @@ def jina_response(body: schemas.JinaRerankRequest, r: Scored) -> schemas.JinaRer
             # top_n absent or 0 returns all, as in vLLM.
             for i in r.order(body.top_n or None)
         ],
+        meta=_cohere_meta("1", r),
     )
 
 
@@ -145,12 +163,12 @@ def cohere_response(body: schemas.CohereRerankRequest, r: Scored) -> schemas.Coh
     ]
     return schemas.CohereRerankResponse(
         id=f"rerank-{r.id}",
-        results=[schemas.CohereResult(index=i, relevance_score=r.scores[i]) for i in r.order(body.top_n)],
-        meta=schemas.CohereMeta(
-            billed_units=schemas.CohereBilledUnits(search_units=1),
-            tokens=schemas.CohereTokens(input_tokens=r.tokens),
-            warnings=warnings,
-        ),
+        results=[
+            schemas.CohereResult(index=i, relevance_score=r.scores[i], document=(
+                schemas.TextDocument(text=body.documents[i]) if body.return_documents else None))
+            for i in r.order(body.top_n)
+        ],
+        meta=_cohere_meta("2", r, warnings),
     )
 
 
@@ -166,8 +184,39 @@ def tei_response(body: schemas.TeiRerankRequest, r: Scored) -> list[schemas.TeiR
     values = r.logits if body.raw_scores else r.scores
     return [
         schemas.TeiRank(index=i, score=values[i], text=body.texts[i] if body.return_text else None)
-        for i in r.order()
+        for i in r.order(body.top_n)
     ]
+
+
+# Elasticsearch hugging_face: POST /elasticsearch/rerank with `documents` ---------------------
+# (its `texts` body is TEI's, served by tei_job / tei_response)
+
+
+def elastic_job(body: schemas.ElasticRerankRequest) -> Job:
+    return Job.rerank(body.query, body.documents, max_chunks_per_doc=body.max_chunks_per_doc)
+
+
+def elastic_response(body: schemas.ElasticRerankRequest, r: Scored) -> list[schemas.TeiRank]:
+    """A bare array, best first: the only shape Elasticsearch's parser reads (it rejects unknown keys)."""
+    return [
+        schemas.TeiRank(index=i, score=r.scores[i], text=body.documents[i] if body.return_documents else None)
+        for i in r.order(body.top_n)
+    ]
+
+
+# Weaviate reranker-transformers: POST /weaviate/rerank ----------------------------------------
+
+
+def weaviate_job(body: schemas.WeaviateRerankRequest) -> Job:
+    return Job.rerank(body.query, body.documents)
+
+
+def weaviate_response(body: schemas.WeaviateRerankRequest, r: Scored) -> schemas.WeaviateRerankResponse:
+    """Input order: Weaviate concatenates its batches' scores and pairs them with objects by position."""
+    return schemas.WeaviateRerankResponse(
+        query=body.query,
+        scores=[schemas.WeaviateScore(document=d, score=s) for d, s in zip(body.documents, r.scores)],
+    )
 
 
 # vLLM score: POST /score, /v1/score -----------------------------------------------------------
@@ -175,9 +224,8 @@ def tei_response(body: schemas.TeiRerankRequest, r: Scored) -> list[schemas.TeiR
 
 def score_job(body: schemas.ScoreRequest) -> Job:
     queries, documents = body.pairs()
-    limit = body.truncate_prompt_tokens
     return Job(queries, documents, model=body.model, instruction=body.instruction,
-               max_pair_tokens=None if limit in (None, -1) else limit)
+               max_pair_tokens=_pair_limit(body.truncate_prompt_tokens))
 
 
 def score_response(body: schemas.ScoreRequest, r: Scored) -> schemas.ScoreResponse:

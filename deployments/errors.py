@@ -1,6 +1,7 @@
 """The closed set of errors the service answers, each with one status code and a JSON body.
 
-Every error body is ``{"error": {"message": str, "type": str, "code": int}}``.
+The error body is ``{"error": {"message": str, "type": str, "code": int}}``, except where a
+client reads another shape (:func:`error_body`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .schemas import ErrorResponse
+from .schemas import ErrorResponse, StringErrorResponse
 
 
 class ServiceError(Exception):
@@ -49,17 +50,44 @@ class Timeout(ServiceError):
     status, type = 504, "timeout"
 
 
-def error_body(status: int, type_: str, message: str) -> dict:
-    return {"error": {"message": message, "type": type_, "code": status}}
+# Clients that read `error` as a string (TEI's error body, `{"error": str, "error_type": str}`):
+# Elasticsearch's hugging_face service and Weaviate's reranker-transformers module.
+STRING_ERROR_PREFIXES = ("/elasticsearch/", "/weaviate/")
+# Cohere's API answers `{"message": str}`; Weaviate's reranker-cohere module reads only that.
+COHERE_PATHS = {"/v1/rerank", "/v2/rerank"}
 
 
-def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error_body(error.status, error.type, error.message), error.status, error.headers)
+def route_path(request: Request) -> str:
+    """The path below the application's route prefix (``/health`` whatever the prefix)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def error_body(status: int, type_: str, message: str, path: str = "") -> dict:
+    """The error body the client of the route at ``path`` parses.
+
+    Routes under :data:`STRING_ERROR_PREFIXES` answer TEI's ``{"error": message, "error_type": type}``;
+    Cohere's routes add a top-level ``message`` to the common body; every other route answers the
+    common body.
+    """
+    if path.startswith(STRING_ERROR_PREFIXES):
+        return {"error": message, "error_type": type_}
+    body = {"error": {"message": message, "type": type_, "code": status}}
+    if path in COHERE_PATHS:
+        body["message"] = message
+    return body
+
+
+def error_response(error: ServiceError, path: str = "") -> JSONResponse:
+    return JSONResponse(error_body(error.status, error.type, error.message, path), error.status, error.headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if tuple(err.get("loc", ())) == ("body",) and err.get("type") == "missing":
+            parts.append("the body is empty: send a JSON object")
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - 5
@@ -67,7 +95,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 
 async def handle_service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return error_response(exc)
+    return error_response(exc, route_path(request))
 
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
@@ -78,10 +106,11 @@ async def handle_http_exception(request: Request, exc: HTTPException) -> JSONRes
     if exc.status_code == 400:
         # FastAPI answers 400 for bodies it cannot parse at all (invalid UTF-8, nesting too deep):
         # that is an invalid body like any other.
-        return error_response(InvalidRequest("the body could not be parsed as JSON"))
+        return error_response(InvalidRequest("the body could not be parsed as JSON"), route_path(request))
     status = exc.status_code
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    return JSONResponse(error_body(status, _HTTP_TYPES.get(status, "http_error"), message), status, exc.headers)
+    body = error_body(status, _HTTP_TYPES.get(status, "http_error"), message, route_path(request))
+    return JSONResponse(body, status, exc.headers)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -90,7 +119,21 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def _json_decode_error(exc: RequestValidationError, body: bytes) -> str | None:
+    """What is wrong with a body FastAPI could not decode as JSON, and where; None if it could."""
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            loc = err.get("loc", ())
+            pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+            line = body.count(b"\n", 0, pos) + 1
+            column = pos - (body.rfind(b"\n", 0, pos) + 1) + 1
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            return f"the body is not valid JSON: {reason} at line {line}, column {column} (char {pos})"
+    return None
+
+
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    path = route_path(request)
     # FastAPI parses a body as JSON only when its content type says so; any other body reaches
     # validation as raw bytes, where "not a valid dictionary" would hide the real mistake.
     if isinstance(exc.body, (bytes, bytearray)) and not _is_json(request.headers.get("content-type")):
@@ -98,8 +141,10 @@ async def handle_validation_error(request: Request, exc: RequestValidationError)
         got = f"content-type {received!r}" if received else "no content-type header"
         return error_response(InvalidRequest(
             f"the body was not read as JSON: the request has {got}; send `content-type: application/json`"
-        ))
-    return error_response(InvalidRequest(_describe_validation(exc)))
+        ), path)
+    # FastAPI reports a JSON syntax error as `0: JSON decode error`, with the position as its location.
+    message = _json_decode_error(exc, await request.body()) or _describe_validation(exc)
+    return error_response(InvalidRequest(message), path)
 
 
 ERROR_RESPONSES = {
@@ -117,3 +162,5 @@ ERROR_RESPONSES = {
         504: "No answer within the request timeout.",
     }.items()
 }
+# The same, for the routes under STRING_ERROR_PREFIXES.
+STRING_ERROR_RESPONSES = {status: {**doc, "model": StringErrorResponse} for status, doc in ERROR_RESPONSES.items()}

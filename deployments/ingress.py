@@ -29,6 +29,7 @@ from . import adapters, schemas
 from .args import AppArgs
 from .errors import (
     ERROR_RESPONSES,
+    STRING_ERROR_RESPONSES,
     InvalidRequest,
     ModelNotFound,
     Overloaded,
@@ -40,13 +41,15 @@ from .errors import (
     handle_http_exception,
     handle_service_error,
     handle_validation_error,
+    route_path,
 )
 from .metrics import IngressMetrics
 from .scale_to_zero import may_scale_to_zero, scaled_to_zero
 
 logger = logging.getLogger("ray.serve")
 
-OPEN_PATHS = {"/health"}
+# Weaviate's reranker-transformers module sends no credentials, not even to its readiness probe.
+OPEN_PATHS = {"/health", "/weaviate/.well-known/ready"}
 # A chunk whose model replica dies is sent up to this many times in all, waiting 0.25 s, then
 # 0.5 s, ... between attempts; all within request_timeout_s.
 CHUNK_ATTEMPTS = 3
@@ -70,7 +73,7 @@ async def guard(request: Request, call_next):
     started = time.perf_counter()
     state = request.app.state
     try:
-        if _route_path(request) not in OPEN_PATHS:
+        if route_path(request) not in OPEN_PATHS:
             _authorize(request, getattr(state, "api_keys", ()))
         declared = request.headers.get("content-length")
         limit = getattr(state, "max_body_bytes", None)
@@ -78,17 +81,11 @@ async def guard(request: Request, call_next):
             raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
         response = await call_next(request)
     except ServiceError as e:
-        response = error_response(e)
+        response = error_response(e, route_path(request))
     metrics = getattr(state, "metrics", None)
     if metrics is not None:
-        metrics.observe(_route_path(request), response.status_code, 1000 * (time.perf_counter() - started))
+        metrics.observe(route_path(request), response.status_code, 1000 * (time.perf_counter() - started))
     return response
-
-
-def _route_path(request: Request) -> str:
-    """The path below the application's route prefix (``/health`` whatever the prefix)."""
-    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def _authorize(request: Request, keys) -> None:
@@ -150,14 +147,39 @@ class RerankIngress:
     @app.post("/v1/rerank", response_model=schemas.JinaRerankResponse, response_model_exclude_none=True,
               responses=ERROR_RESPONSES, summary="Rerank documents (Jina / vLLM shape)")
     async def rerank_v1(self, body: schemas.JinaRerankRequest) -> schemas.JinaRerankResponse:
-        """Jina / vLLM compatible: ``top_n`` 0 or absent returns all; documents returned by default."""
+        """Jina / vLLM compatible, and Cohere v1 (``cohere.Client``): ``top_n`` 0 or absent returns all;
+        documents returned by default."""
         return adapters.jina_response(body, await self._score(adapters.jina_job(body)))
 
-    @app.post("/v2/rerank", response_model=schemas.CohereRerankResponse, responses=ERROR_RESPONSES,
-              summary="Rerank documents (Cohere v2 shape)")
+    @app.post("/v2/rerank", response_model=schemas.CohereRerankResponse, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, summary="Rerank documents (Cohere v2 shape)")
     async def rerank_v2(self, body: schemas.CohereRerankRequest) -> schemas.CohereRerankResponse:
         """Cohere v2 compatible, for the official SDK (``cohere.ClientV2(base_url=...)``)."""
         return adapters.cohere_response(body, await self._score(adapters.cohere_job(body)))
+
+    @app.post("/elasticsearch/rerank", response_model=list[schemas.TeiRank], response_model_exclude_none=True,
+              responses=STRING_ERROR_RESPONSES, summary="Rerank documents (Elasticsearch's hugging_face service)")
+    async def rerank_elasticsearch(self, body: schemas.ElasticBody) -> list[schemas.TeiRank]:
+        """Both bodies Elasticsearch versions post (``texts`` as TEI, or ``documents``); a bare array answers."""
+        if isinstance(body, schemas.TeiRerankRequest):
+            return adapters.tei_response(body, await self._score(adapters.tei_job(body)))
+        return adapters.elastic_response(body, await self._score(adapters.elastic_job(body)))
+
+    @app.post("/weaviate/rerank", response_model=schemas.WeaviateRerankResponse, responses=STRING_ERROR_RESPONSES,
+              summary="Rerank documents (Weaviate's reranker-transformers container)")
+    async def rerank_weaviate(self, body: schemas.WeaviateRerankRequest) -> schemas.WeaviateRerankResponse:
+        """``{query, documents}`` answered by ``{query, scores: [{document, score}]}`` in input order."""
+        return adapters.weaviate_response(body, await self._score(adapters.weaviate_job(body)))
+
+    @app.get("/weaviate/meta", response_model=schemas.ModelList, responses=STRING_ERROR_RESPONSES,
+             summary="Weaviate's module meta (shown in its /v1/meta): the served models")
+    async def weaviate_meta(self) -> schemas.ModelList:
+        return self._model_list()
+
+    @app.get("/weaviate/.well-known/ready", status_code=204, responses={503: STRING_ERROR_RESPONSES[503]},
+             summary="Weaviate's readiness probe: 204 when /health is 200")
+    async def weaviate_ready(self) -> None:
+        await self.health()
 
     @app.post("/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
               summary="Score (query, document) pairs (vLLM score shape)")
@@ -173,6 +195,10 @@ class RerankIngress:
 
     @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES, summary="Served models")
     async def models(self) -> schemas.ModelList:
+        return self._model_list()
+
+    def _model_list(self) -> schemas.ModelList:
+        # Not `self.models()` from another route: the instance's `models` dict shadows that method.
         return schemas.ModelList(
             data=[schemas.ModelCard(id=m.name, aliases=m.aliases, max_length=m.max_length) for m in self.args.models]
         )

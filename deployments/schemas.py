@@ -5,6 +5,12 @@
   returned by default).
 * ``POST /v2/rerank``: the Cohere v2 shape, as the official ``cohere`` SDK sends it.
 * ``POST /score``, ``POST /v1/score``: vLLM's score API ((query, document) pairs, 1:N or N:N).
+* ``POST /elasticsearch/rerank``: Elasticsearch's ``hugging_face`` rerank service (both of its
+  bodies: ``texts`` as TEI, or ``documents``), answered by a bare array as TEI does.
+* ``POST /weaviate/rerank``: Weaviate's ``reranker-transformers`` inference container.
+
+Fields a known client sends that have no effect here are accepted and say so in their
+description (docs/clients.md names the client that sends each).
 
 Unknown fields are rejected (422) so that a misspelled option never silently does nothing, and
 numbers and booleans are strict (``"2"`` is not an integer, ``"yes"`` not a boolean): a value that
@@ -25,6 +31,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     Tag,
+    field_validator,
     model_validator,
 )
 
@@ -59,6 +66,18 @@ class _Request(_QueryNotBlank):
     )
 
 
+TRUNCATE_PROMPT_TOKENS_DESCRIPTION = (
+    "Most tokens per (query, document) prompt, as in vLLM (Milvus's vllm ranker sends it); the "
+    "document's end is cut, the template survives. -1 or absent: the model's max_length."
+)
+
+
+def _check_prompt_tokens(value: int | None) -> int | None:
+    if value == 0:
+        raise ValueError("truncate_prompt_tokens must be -1 or at least 1")
+    return value
+
+
 class RerankRequest(_Request):
     """``POST /rerank``."""
 
@@ -75,6 +94,9 @@ class RerankRequest(_Request):
     return_documents: bool = Field(False, strict=True, description="Attach each document's text to its result.")
     max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
     return_spans: StrictBool = Field(False, description=SPANS_DESCRIPTION)
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, description=TRUNCATE_PROMPT_TOKENS_DESCRIPTION)
+
+    _prompt_tokens = field_validator("truncate_prompt_tokens")(_check_prompt_tokens)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +121,16 @@ class JinaRerankRequest(_Request):
     return_documents: bool = Field(True, strict=True, description="Attach `document: {text}` to each result.")
     max_chunks_per_doc: StrictInt | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
     return_spans: StrictBool = Field(False, description=SPANS_DESCRIPTION)
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, description=TRUNCATE_PROMPT_TOKENS_DESCRIPTION)
+    # vLLM's options, which LiteLLM's hosted_vllm rerank forwards when its caller sets them.
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="Cut each document to this many tokens (and to max_length)."
+    )
+    truncation_side: Literal["left", "right"] = Field(
+        "right", description="right cuts a long document's end (the model card); left cuts its start."
+    )
+
+    _prompt_tokens = field_validator("truncate_prompt_tokens")(_check_prompt_tokens)
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -121,6 +153,8 @@ class CohereRerankRequest(BaseModel):
     relevant_spans: dict[str, Any] | None = Field(
         None, description="Accepted for SDK compatibility; spans are not produced (a warning says so)."
     )
+    # Weaviate's reranker-cohere module always sends `return_documents: false`.
+    return_documents: StrictBool = Field(False, description="Attach `document: {text}` to each result.")
 
 
 class Usage(BaseModel):
@@ -157,19 +191,23 @@ class JinaResult(BaseModel):
 
 
 class JinaRerankResponse(BaseModel):
+    """Jina / vLLM's answer, with Cohere v1's ``meta`` so that ``cohere.Client`` reads it too."""
+
     id: str
     model: str
     usage: Usage
     results: list[JinaResult]
+    meta: CohereMeta
 
 
 class CohereResult(BaseModel):
     index: int
     relevance_score: float
+    document: TextDocument | None = None
 
 
 class CohereApiVersion(BaseModel):
-    version: str = "2"
+    version: str
 
 
 class CohereBilledUnits(BaseModel):
@@ -182,7 +220,7 @@ class CohereTokens(BaseModel):
 
 
 class CohereMeta(BaseModel):
-    api_version: CohereApiVersion = Field(default_factory=CohereApiVersion)
+    api_version: CohereApiVersion
     billed_units: CohereBilledUnits
     tokens: CohereTokens
     warnings: list[str] = Field(default_factory=list)
@@ -201,9 +239,17 @@ class ErrorBody(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every error: ``{"error": {"message", "type", "code"}}``."""
+    """An error: ``{"error": {"message", "type", "code"}}``; Cohere's routes add ``message``."""
 
     error: ErrorBody
+    message: str | None = Field(None, description="On /v1/rerank and /v2/rerank: Cohere's error field.")
+
+
+class StringErrorResponse(BaseModel):
+    """An error of the routes whose clients read ``error`` as a string (TEI's error body)."""
+
+    error: str
+    error_type: str
 
 
 class ModelCard(BaseModel):
@@ -234,6 +280,8 @@ class TeiRerankRequest(_QueryNotBlank):
     truncation_direction: Literal["Left", "Right"] = Field(
         "Right", description="Right cuts a long text's end (the model card); Left cuts its start."
     )
+    # Not TEI's: Elasticsearch's hugging_face rerank service (8.19, 9.1) adds it to TEI's body.
+    top_n: int | None = Field(None, ge=1, description="Return only the best `top_n` (default all).")
 
 
 class TeiRank(BaseModel):
@@ -242,19 +290,59 @@ class TeiRank(BaseModel):
     text: str | None = None
 
 
-def _rerank_shape(body: Any) -> str:
-    # TEI's body names its documents `texts`; everything else is this project's shape (whose
-    # errors then name what is missing).
-    if isinstance(body, dict):
-        return "tei" if "texts" in body else "rerank"
-    return "tei" if isinstance(body, TeiRerankRequest) else "rerank"
+def _tei_or(tag: str, other: type[BaseModel]):
+    """A body that is TEI's when it names its documents ``texts``, else ``other``'s (whose errors
+    then name what is missing)."""
+
+    def shape(body: Any) -> str:
+        if isinstance(body, dict):
+            return "tei" if "texts" in body else tag
+        return "tei" if isinstance(body, TeiRerankRequest) else tag
+
+    return Annotated[Union[Annotated[other, Tag(tag)], Annotated[TeiRerankRequest, Tag("tei")]], Discriminator(shape)]
 
 
-RerankBody = Annotated[
-    Union[Annotated[RerankRequest, Tag("rerank")], Annotated[TeiRerankRequest, Tag("tei")]],
-    Discriminator(_rerank_shape),
-]
+RerankBody = _tei_or("rerank", RerankRequest)
 RerankAnswer = Union[RerankResponse, list[TeiRank]]
+
+
+class ElasticRerankRequest(_QueryNotBlank):
+    """``POST /elasticsearch/rerank`` with ``documents``: Elasticsearch's newer ``hugging_face`` body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: str = Field(min_length=1, description="The search query.")
+    documents: list[str] = Field(min_length=1, description="Texts to rank; an empty string is valid.")
+    return_documents: bool = Field(False, description="Attach each text to its result (`text`).")
+    top_n: int | None = Field(None, ge=1, description="Return only the best `top_n` (default all).")
+    max_chunks_per_doc: int | None = Field(None, ge=1, description=CHUNKS_DESCRIPTION)
+
+
+# Elasticsearch's hugging_face service posts TEI's `texts` in some versions, `documents` in others.
+ElasticBody = _tei_or("elastic", ElasticRerankRequest)
+
+
+class WeaviateRerankRequest(_QueryNotBlank):
+    """``POST /weaviate/rerank``: what Weaviate's ``reranker-transformers`` module posts."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: str = Field(min_length=1, description="The search query.")
+    documents: list[str] = Field(min_length=1, description="Texts to rank; an empty string is valid.")
+    # Weaviate's client always marshals this field, empty: the documents already hold the text.
+    property: str | None = Field(None, description="Accepted and ignored: Weaviate sends it empty.")
+
+
+class WeaviateScore(BaseModel):
+    document: str
+    score: float
+
+
+class WeaviateRerankResponse(BaseModel):
+    """Scores in input order, as Weaviate pairs them with its objects by position."""
+
+    query: str
+    scores: list[WeaviateScore]
 
 
 class ScoreRequest(BaseModel):

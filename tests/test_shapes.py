@@ -95,7 +95,7 @@ def test_cohere_v2_chunks_within_max_tokens_per_doc(service, engine):
         ("/v1/rerank", {"query": QUERY, "documents": ["a"], "return_spans": "yes"}, 422, "return_spans"),
         ("/rerank", {"query": QUERY, "texts": ["a"], "truncation_direction": "left"}, 422, "truncation_direction"),
         ("/rerank", {"query": QUERY, "texts": ["a"], "raw_scores": 1}, 422, "raw_scores"),
-        ("/rerank", {"query": QUERY, "texts": ["a"], "top_n": 1}, 422, "top_n: Extra inputs are not permitted"),
+        ("/rerank", {"query": QUERY, "texts": ["a"], "top_k": 1}, 422, "top_k: Extra inputs are not permitted"),
         ("/rerank", {"query": QUERY, "texts": []}, 422, "texts"),
         ("/rerank", {"query": QUERY, "texts": [LONG], "truncate": False}, 413, "truncate is false"),
         ("/score", {"text_1": ["a", "b", "c"], "text_2": ["x", "y"]}, 422, "3 queries and 2 documents"),

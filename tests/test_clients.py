@@ -7,10 +7,15 @@ docs/clients.md names the source (file and version) each wire-format test follow
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
+
+# LiteLLM fetches a model price list from GitHub at import (three tries, about 7 s) unless told to
+# use the copy it ships; no test machine needs the remote one.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import requests
 from ray import serve
 

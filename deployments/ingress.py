@@ -72,8 +72,9 @@ async def guard(request: Request, call_next):
     """Authenticate, cap body size, and time every request (settings in ``app.state``)."""
     started = time.perf_counter()
     state = request.app.state
+    path = route_path(request)
     try:
-        if route_path(request) not in OPEN_PATHS:
+        if path not in OPEN_PATHS:
             _authorize(request, getattr(state, "api_keys", ()))
         declared = request.headers.get("content-length")
         limit = getattr(state, "max_body_bytes", None)
@@ -81,10 +82,10 @@ async def guard(request: Request, call_next):
             raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
         response = await call_next(request)
     except ServiceError as e:
-        response = error_response(e, route_path(request))
+        response = error_response(e, path)
     metrics = getattr(state, "metrics", None)
     if metrics is not None:
-        metrics.observe(route_path(request), response.status_code, 1000 * (time.perf_counter() - started))
+        metrics.observe(path, response.status_code, 1000 * (time.perf_counter() - started))
     return response
 
 

@@ -107,10 +107,14 @@ def tile_linear_layers(module: torch.nn.Module, tile_rows: int = DEFAULT_TILE_RO
     """
     targets = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
     for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, TiledLinear(linear, tile_rows, prepack))
+        _replace_submodule(module, name, TiledLinear(linear, tile_rows, prepack))
     return len(targets)
+
+
+def _replace_submodule(module: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Put ``new`` where ``module``'s submodule ``name`` (dotted) is."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
 
 
 def untile_linear_layers(module: torch.nn.Module) -> int:
@@ -132,8 +136,7 @@ def untile_linear_layers(module: torch.nn.Module) -> int:
         linear.weight = torch.nn.Parameter(tiled.weight, requires_grad=False)
         if tiled.bias is not None:
             linear.bias = torch.nn.Parameter(tiled.bias, requires_grad=False)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, linear)
+        _replace_submodule(module, name, linear)
     return kept
 
 

@@ -88,7 +88,7 @@ class Reranker:
         # Batch invariance needs fixed-tile linear layers. Both scorers below share one backbone,
         # so the layers are tiled here, once, for the packed scorer that needs them, and put back
         # if the varlen check hands the work to padded passes (which promise no invariance).
-        invariant = packing and config.invariant(device, parameter.dtype)
+        invariant = config.invariant(device, parameter.dtype)  # False wherever packing resolves off
         if invariant:
             tile_linear_layers(model.get_decoder(), config.tile_rows)
 

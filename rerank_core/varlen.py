@@ -66,7 +66,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .packing import Segments
-from .staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +156,8 @@ class HostLayout:
 def host_layout(segments: Segments) -> HostLayout:
     """The host arrays of the :class:`VarlenLayout` of a packed pass over ``segments``.
 
-    Built with array operations, not a loop over tokens: in a Python loop this took 24 ms of host
-    time per call of the 512-pair GPU workload (bench/host.py).
+    Built with array operations, not a loop over tokens: as a Python loop this took about 24 ms of
+    host time per call of bench/host.py's 512-pair GPU workload (cProfile, 2-core AMD EPYC).
     """
     lengths = np.asarray(segments.lengths, dtype=np.int64)
     prefix_lengths = segments.prefix_lengths()
@@ -187,12 +186,10 @@ def host_layout(segments: Segments) -> HostLayout:
     )
 
 
-def build_layout(segments: Segments, device: torch.device | str = "cpu", staging: Staging | None = None) -> VarlenLayout:
+def build_layout(segments: Segments, device: torch.device | str = "cpu") -> VarlenLayout:
     """The :class:`VarlenLayout` of a packed pass over ``segments``, its tensors on ``device``
-    (copied through ``staging`` when given, :mod:`rerank_core.staging`)."""
+    (the engine copies :func:`host_layout`'s arrays with its other pass inputs instead)."""
     host = host_layout(segments)
-    if staging is not None:
-        return host.on_device(staging.to_device(host.arrays))
     return host.on_device([torch.from_numpy(a).to(device) for a in host.arrays])
 
 

@@ -62,25 +62,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine as bench_engine  # noqa: E402  (bench/engine.py: workloads, checkpoint)
 import gpu_steps  # noqa: E402  (bench/gpu_steps.py: roof, profile, budgets, compile, shapes, peer)
+from gpu_steps import peak_gib, sync  # noqa: E402
+from gpu_steps import reset_peak as peak_reset  # noqa: E402
 
 from bench.hardware import describe, summary  # noqa: E402
 from rerank_core import EngineConfig, Reranker  # noqa: E402
 from rerank_core.varlen import reference_varlen_attn  # noqa: E402
 from tests.reference import official_scores  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def load_official(checkpoint: Path, device: torch.device, dtype: torch.dtype):

@@ -51,8 +51,10 @@ class ModelArgs(_Strict):
     )
     cache_dir: str | None = Field(None, description="Download cache (default: $RERANK_CACHE_DIR).")
     max_length: int = Field(DEFAULT_MAX_LENGTH, gt=0, description="Longest pair, in tokens.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto': bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else float32."
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "fp8"] = Field(
+        "auto",
+        description="'auto': bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else float32. "
+        "'int8' (CPU) and 'fp8' (CUDA, compute capability 8.9+) quantize the decoder's linear layers (opt-in).",
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     max_batch_tokens: int = Field(

@@ -15,7 +15,8 @@ from rerank_core import registry
 
 from .errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, WorkFailed, one_line
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # rerank_core.config.DTYPES plus "auto"
+# rerank_core.config.DTYPES plus "auto" and the quantized dtypes (QUANTIZED_DTYPES).
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
 
 EPILOG = """\
 exit status: 0 on success, 1 when the work fails (the model cannot be found, downloaded or
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest query+document prompt in tokens; longer documents are cut (default: 8192)")
         p.add_argument("--device", metavar="DEVICE", help="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
         p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: auto: bfloat16 on CUDA and on CPUs "
-                       "with native bf16, else float32; float32 is the exact mode)")
+                       "with native bf16, else float32; float32 is the exact mode; int8 (CPU) and fp8 "
+                       "(CUDA, compute capability 8.9+) quantize the decoder's linear layers)")
         add_model_source_options(p)
 
     run = commands.add_parser(

@@ -11,6 +11,12 @@ from .invariant import DEFAULT_TILE_ROWS
 from .prompt import DEFAULT_MAX_LENGTH
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Quantized dtypes (rerank_core.quantized): the decoder's linear layers in int8 (CPU) or fp8
+# (CUDA, compute capability 8.9+), everything else in a float dtype. Never chosen by "auto".
+QUANTIZED_DTYPES = ("int8", "fp8")
+# The device type each quantized dtype runs on (the full check, e.g. an fp8-capable GPU, is
+# rerank_core.quantized.check_device, at load).
+QUANTIZED_DEVICE = {"int8": "cpu", "fp8": "cuda"}
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_PAIRS = 64
 # Share of a forward pass that may be padding, by device type. On a CPU a pass of one row is
@@ -63,7 +69,10 @@ class EngineConfig:
         device: ``"auto"`` (CUDA if available, else CPU) or a torch device string.
         dtype: ``"auto"`` (bfloat16 on CUDA and on CPUs that multiply bf16 natively, see
             :func:`cpu_has_native_bf16`; float32 elsewhere), ``"float32"`` (the exact mode: 1e-5
-            to the model card), ``"bfloat16"`` or ``"float16"``.
+            to the model card), ``"bfloat16"`` or ``"float16"``; or a quantized dtype
+            (:data:`QUANTIZED_DTYPES`, :mod:`rerank_core.quantized`, opt-in only): ``"int8"``
+            (CPU) or ``"fp8"`` (CUDA, compute capability 8.9 and up), the decoder's linear
+            layers quantized at load and the rest in :meth:`torch_dtype`.
         max_length: longest pair sequence in tokens; longer documents are cut at their tail.
         max_batch_tokens: tokens per forward pass (padding included in padded passes).
         max_batch_pairs: pairs per forward pass.
@@ -112,8 +121,14 @@ class EngineConfig:
     compile_layers: bool | None = None
 
     def __post_init__(self):
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
+            known = ", ".join((*DTYPES, *QUANTIZED_DTYPES))
+            raise ValueError(f"dtype must be 'auto' or one of {known}, got {self.dtype!r}")
+        if self.quantization and self.device != "auto":
+            wanted = QUANTIZED_DEVICE[self.dtype]
+            if torch.device(self.device).type != wanted:
+                other = "fp8" if self.dtype == "int8" else "int8"
+                raise ValueError(f"dtype {self.dtype} runs on {wanted} only, not on device {self.device!r} (use {other} there)")
         for name in ("max_length", "max_batch_tokens", "max_batch_pairs", "tile_rows", "max_chunks_per_doc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -167,6 +182,8 @@ class EngineConfig:
             return False
         if self.compile_layers is not None:
             return self.compile_layers
+        if self.quantization:
+            return False  # never measured compiled; the quantized products are library calls either way
         if device.type == "cpu" and not cpu_has_native_bf16():
             return False
         return dtype in HALF_DTYPES and DEFAULT_COMPILE_LAYERS.get(device.type, False)
@@ -177,10 +194,26 @@ class EngineConfig:
             return self.packed_attention
         return "varlen" if device.type == "cuda" and dtype in HALF_DTYPES else "segments"
 
+    @property
+    def quantization(self) -> str | None:
+        """``"int8"`` or ``"fp8"`` for a quantized :attr:`dtype`, ``None`` for a float one."""
+        return self.dtype if self.dtype in QUANTIZED_DTYPES else None
+
     def torch_dtype(self) -> torch.dtype:
-        """The weights' dtype, with ``"auto"`` resolved for :meth:`torch_device`."""
-        if self.dtype == "auto":
+        """The float dtype the model computes in, with ``"auto"`` resolved for :meth:`torch_device`.
+
+        For a quantized :attr:`dtype`, the dtype of everything but the quantized layers: bfloat16
+        for fp8 and for int8 on a CPU that multiplies bf16 natively, float32 for int8 elsewhere.
+        """
+        if self.dtype == "auto" or self.dtype == "int8":
             device = self.torch_device().type
             native = device == "cuda" or (device == "cpu" and cpu_has_native_bf16())
             return torch.bfloat16 if native else torch.float32
+        if self.dtype == "fp8":
+            return torch.bfloat16
         return DTYPES[self.dtype]
+
+    def load_dtype(self) -> torch.dtype:
+        """The dtype to load the checkpoint in: :meth:`torch_dtype`, except bfloat16 (the released
+        files' dtype) for a quantized :attr:`dtype`, whose weights are quantized from it."""
+        return torch.bfloat16 if self.quantization else self.torch_dtype()

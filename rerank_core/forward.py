@@ -45,6 +45,7 @@ from .kept_rows import supports as kept_rows_supported
 from .memory import release_freed_memory, reuse_freed_memory
 from .packing import ATTENTION_NAME, PrefixRef, Segments
 from .prompt import EncodedQuery
+from .quantized import quantized
 from .staging import Staging
 
 
@@ -160,8 +161,11 @@ class PairScorer:
         self.packing = packing
         if batch_invariant and not packing:
             raise ValueError("batch_invariant needs packed passes")
-        if batch_invariant and not tiled(backbone):
-            raise ValueError("batch_invariant needs the backbone's linear layers tiled (invariant.tile_linear_layers)")
+        if batch_invariant and not (tiled(backbone) or quantized(backbone)):
+            raise ValueError(
+                "batch_invariant needs the backbone's linear layers tiled (invariant.tile_linear_layers) "
+                "or in int8 (quantized.quantize_int8)"
+            )
         self.batch_invariant = batch_invariant
         self.packed_attention = packed_attention
         if packing:

@@ -15,6 +15,7 @@ from .head import YesNoHead, answer_token_ids
 from .invariant import tile_linear_layers, untile_linear_layers
 from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
+from .quantized import check_device, quantize_decoder, quantized
 from .ranking import RankResult, rank
 from .registry import TOKENIZER_FILES, ModelSourceError, resolve_source
 from .varlen import VarlenAttention, checked_scorer
@@ -80,8 +81,13 @@ class Reranker:
         self.config = config
         self.encoder = PromptEncoder(tokenizer, config.max_length)
         yes_id, no_id = answer_token_ids(tokenizer)
+        device = next(model.parameters()).device
+        if config.quantization and not quantized(model.get_decoder()):
+            # Quantized once, here, from the weights as loaded (bf16 from Reranker.load, as released);
+            # the layers left in float then take the compute dtype.
+            quantize_decoder(model.get_decoder(), config.quantization, device)
+            model.to(config.torch_dtype())
         parameter = next(model.parameters())
-        device = parameter.device
         head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)
 
         packing = config.packed(device, parameter.dtype)
@@ -89,7 +95,8 @@ class Reranker:
         # so the layers are tiled here, once, for the packed scorer that needs them, and put back
         # if the varlen check hands the work to padded passes (which promise no invariance).
         invariant = config.invariant(device, parameter.dtype)  # False wherever packing resolves off
-        if invariant:
+        # int8 layers sum exactly in integers: invariant as they are (rerank_core.quantized).
+        if invariant and not quantized(model.get_decoder()):
             tile_linear_layers(model.get_decoder(), config.tile_rows)
 
         def scorer(packing: bool, packed_attention=None) -> PairScorer:
@@ -181,10 +188,12 @@ class Reranker:
         config = replace(config or EngineConfig(), **overrides)
         path = resolve_source(str(source), hub=hub, cache_dir=cache_dir)
         torch_device = config.torch_device()
+        if config.quantization:
+            check_device(config.quantization, torch_device)  # before the weights are read
         tokenizer = _load_tokenizer(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=config.torch_dtype(), attn_implementation="sdpa"
+                path, dtype=config.load_dtype(), attn_implementation="sdpa"
             )
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load a checkpoint from {path}: {e}") from e

@@ -145,8 +145,9 @@ def test_module_entry_point_works_too():
 def test_dtype_choices_match_the_engine():
     from rerank_cli.main import DTYPES
     from rerank_core.config import DTYPES as ENGINE_DTYPES
+    from rerank_core.config import QUANTIZED_DTYPES
 
-    assert set(DTYPES) == {"auto", *ENGINE_DTYPES}
+    assert set(DTYPES) == {"auto", *ENGINE_DTYPES, *QUANTIZED_DTYPES}
 
 
 # rerank run: the seed example ------------------------------------------------------------------

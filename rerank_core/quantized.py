@@ -1,0 +1,254 @@
+"""Quantized scoring: the decoder's linear layers in int8 (CPU) or fp8 (CUDA), opt-in.
+
+Both modes quantize the same layers, once, at load: every ``nn.Linear`` of the decoder (the
+q/k/v/o projections and the gate/up/down MLP of each layer), from the checkpoint's bf16 weights.
+Embeddings, norms, RoPE, attention, the yes/no head and its sigmoid stay in the float dtype
+(bfloat16 where the device multiplies it natively, float32 elsewhere); the head is never
+quantized (an fp8 head is what turned vLLM's fp8 rerankers into 0/1 scorers).
+
+**int8 (CPU).** Weights per output channel and activations per token, both symmetric
+(``x ≈ s_x * q_x``, ``W[j] ≈ s_j * q_j``). Each product is oneDNN's int8 matrix product through
+torch (``torch.ops.onednn.qlinear_pointwise``, the kernel inductor lowers quantized linears to on
+x86), with the weight reordered once for it; the per-token scale is applied to its output.
+Because the sums are exact int32 sums, a row's output depends on its own inputs only, whatever
+else shares the product: these layers are batch-invariant as they are, without tiles.
+
+CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply int8 with ``vpmaddubsw``, which adds
+pairs of products into 16 bits and saturates: with full-range (8-bit) weights a product can come
+out wrong by a large amount (measured on an AMD EPYC: 45 % of outputs off by more than 0.05). Such
+CPUs get 7-bit weights (``|q| <= 63``), whose pair sums always fit. Which one a CPU needs is not
+read from a feature table but measured: :func:`int8_weight_max` multiplies worst-case operands
+once and keeps 8-bit weights only where the result is exact.
+
+torchao's int8 config was measured as the first choice and not kept for CPU: in eager mode it
+multiplies with ``torch._int_mm``, which on CPU runs at about 1 GMAC/s (6.3 s for one 2048 x 1024
+x 3072 product on the EPYC above, against 0.09 s in fp32); compiled with freezing, inductor lowers
+it to the same oneDNN kernel, with 8-bit weights, so on AVX2 with the same saturated results. torch's
+own fbgemm dynamic linear quantizes activations per tensor: one token's range (Qwen3 has tokens
+with very large activations) would set every other token's precision, and a score would depend on
+what shares its pass (docs/benchmarks.md, "Quantized scoring").
+
+**fp8 (CUDA, compute capability 8.9 and up).** torchao's float8 dynamic-activation /
+float8-weight config with per-row scales (``e4m3``; ``torch._scaled_mm``). torchao is needed only
+for this mode (the ``fp8`` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .config import QUANTIZED_DTYPES
+from .invariant import _replace_submodule
+
+# Smallest scale: an all-zero row or channel quantizes to zeros instead of dividing by zero.
+_TINY = 1e-12
+# Activations use the symmetric int8 range (-128 is never produced, as in torchao's config).
+ACTIVATION_MAX = 127
+# Activation codes are stored as uint8, offset by this (see quantize_activation).
+CODE_OFFSET = 128
+
+log = logging.getLogger(__name__)
+
+
+class QuantizedDtypeError(ValueError):
+    """A quantized dtype this device or installation cannot run (raised at load, never later)."""
+
+
+def check_device(quantization: str, device: torch.device) -> None:
+    """Refuse a quantized dtype the device cannot run, with a message naming the device.
+
+    Raises:
+        QuantizedDtypeError: int8 off CPU, fp8 off CUDA, a GPU below compute capability 8.9, or
+            fp8 without torchao installed.
+    """
+    if quantization == "int8":
+        if device.type != "cpu":
+            raise QuantizedDtypeError(
+                f"dtype int8 runs on CPU only (oneDNN's int8 products); the device is {device}; "
+                f"on a CUDA GPU with compute capability 8.9 or higher use dtype fp8"
+            )
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+            raise QuantizedDtypeError("dtype int8 needs torch built with oneDNN (torch.ops.onednn.qlinear_pointwise)")
+        return
+    if quantization == "fp8":
+        if device.type != "cuda":
+            raise QuantizedDtypeError(
+                f"dtype fp8 needs a CUDA GPU with compute capability 8.9 or higher (Ada, Hopper, "
+                f"Blackwell); the device is {device}; on CPU use dtype int8"
+            )
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            raise QuantizedDtypeError(
+                f"dtype fp8 needs compute capability 8.9 or higher; {name} ({device}) has "
+                f"{capability[0]}.{capability[1]}; use dtype bfloat16 there"
+            )
+        try:
+            import torchao.quantization  # noqa: F401
+        except ImportError as e:
+            raise QuantizedDtypeError(f"dtype fp8 needs torchao: pip install 'qwen3-rerank-serve[fp8]' ({e})") from e
+        return
+    raise QuantizedDtypeError(f"unknown quantized dtype {quantization!r}; one of {', '.join(QUANTIZED_DTYPES)}")
+
+
+def quantize_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 codes and float32 scales of a ``(out, in)`` weight."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp_(min=_TINY).div_(weight_max)
+    codes = torch.round(weight / scales[:, None]).clamp_(-weight_max, weight_max).to(torch.int8)
+    return codes, scales
+
+
+def quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes of a 2-D activation, stored offset by :data:`CODE_OFFSET` as
+    uint8, and each row's float32 scale ``(n, 1)``: ``x ≈ scale * (codes - CODE_OFFSET)``.
+
+    The offset is the same for every row, so oneDNN takes it as one zero point. Its uint8
+    products run about 1.2-1.5x faster than int8 ones on AVX2 (docs/benchmarks.md), since an
+    int8 input would be shifted to uint8 inside the kernel anyway.
+    """
+    # abs().amax() is one vectorized pass each; the infinity norm was measured 6x slower.
+    scales = rows.abs().amax(dim=-1, keepdim=True).float().clamp_(min=_TINY).div_(ACTIVATION_MAX)
+    codes = torch.div(rows, scales).round_().add_(CODE_OFFSET)
+    return codes.clamp_(CODE_OFFSET - ACTIVATION_MAX, CODE_OFFSET + ACTIVATION_MAX).to(torch.uint8), scales
+
+
+_ONE = torch.ones((), dtype=torch.float32)
+_OFFSET = torch.full((), CODE_OFFSET, dtype=torch.int32)
+
+
+def _int8_product(codes, packed, scales, zero_points, out_dtype: torch.dtype) -> torch.Tensor:
+    """oneDNN's product of offset activation codes (:func:`quantize_activation`) with a prepacked
+    int8 weight, each output column scaled by its channel's weight scale (the activation's scale
+    is left to the caller)."""
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        codes, _ONE, _OFFSET, packed, scales, zero_points, None, 1.0, 0, out_dtype, "none", [None], ""
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def int8_weight_max() -> int:
+    """The largest weight code this CPU's oneDNN int8 products handle exactly: 127, or 63 where
+    pairs of products saturate 16 bits (CPUs without VNNI), measured on worst-case operands.
+
+    Raises:
+        QuantizedDtypeError: not even 7-bit weights multiply exactly (never seen; refused rather
+            than scored wrongly).
+    """
+    generator = torch.Generator().manual_seed(0)
+    k, n = 256, 64
+    # Full-range activations of both signs against full-range weights: the largest pair sums.
+    signs = torch.randint(0, 2, (8, k), generator=generator) * 2 - 1
+    activations = torch.cat([torch.full((1, k), ACTIVATION_MAX), torch.full((1, k), -ACTIVATION_MAX),
+                             signs * ACTIVATION_MAX, torch.randint(-127, 128, (8, k), generator=generator)])
+    for weight_max in (127, 63):
+        weights = (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1) * weight_max
+        weights[:8] = weight_max
+        weights[8:16] = -weight_max
+        exact = activations.double() @ weights.double().t()
+        packed = torch.ops.onednn.qlinear_prepack(weights.to(torch.int8), None)
+        got = _int8_product((activations + CODE_OFFSET).to(torch.uint8), packed, torch.ones(n),
+                            torch.zeros(n, dtype=torch.int64), torch.float32)
+        if torch.equal(got.double(), exact):
+            if weight_max != 127:
+                log.info("int8: this CPU's int8 products saturate with 8-bit weights; weights use 7 bits")
+            return weight_max
+    raise QuantizedDtypeError("this CPU's oneDNN int8 products are not exact even with 7-bit weights")
+
+
+class Int8Linear(torch.nn.Module):
+    """``y ≈ x @ W.T + b`` with int8 weights (per channel) and int8 activations (per token).
+
+    Contract: ``y[r] = s_x[r] * s_W * (q_x[r] @ q_W.T) + b`` computed with exact integer sums, so
+    every output row depends only on its own input row (batch-invariant), and equals
+    :func:`int8_reference` up to float32 rounding of the two scale products. The output has the
+    input's dtype.
+
+    Args:
+        linear: the layer to replace; its weight is quantized (the float weight is not kept).
+        weight_max: largest weight code (:func:`int8_weight_max`).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, weight_max: int):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight_max = weight_max
+        codes, self.weight_scale = quantize_weight(linear.weight, weight_max)
+        # Kept for the reference and for tests; the product reads only the reordered copy.
+        self.weight_codes = codes
+        self.weight_packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        codes, scales = quantize_activation(rows)
+        out = _int8_product(codes, self.weight_packed, self.weight_scale, self.weight_zero_points, x.dtype)
+        out.mul_(scales)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight_max={self.weight_max}"
+
+
+def int8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """What :class:`Int8Linear` computes, in float64 with plain torch ops (the tests' reference)."""
+    rows = x.reshape(-1, layer.in_features)
+    codes, scales = quantize_activation(rows)
+    out = ((codes.double() - CODE_OFFSET) @ layer.weight_codes.double().t()) * scales.double() * layer.weight_scale.double()
+    if layer.bias is not None:
+        out = out + layer.bias.double()
+    return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+def quantize_int8(module: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place.
+
+    Returns:
+        the number of layers replaced.
+    """
+    weight_max = int8_weight_max()
+    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
+    for name, linear in targets:
+        _replace_submodule(module, name, Int8Linear(linear, weight_max))
+    return len(targets)
+
+
+def quantize_fp8(module: torch.nn.Module) -> int:
+    """Quantize every ``nn.Linear`` inside ``module`` to fp8 with torchao (per-row scales), in place.
+
+    The layers stay ``nn.Linear`` with torchao's float8 weight tensors, so fixed-row tiles
+    (:mod:`rerank_core.invariant`) can still wrap them.
+
+    Returns:
+        the number of layers quantized.
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, _: isinstance(m, torch.nn.Linear))
+    return count
+
+
+def quantize_decoder(decoder: torch.nn.Module, quantization: str, device: torch.device) -> int:
+    """Quantize the decoder's linear layers for ``quantization`` on ``device``, in place.
+
+    Raises:
+        QuantizedDtypeError: see :func:`check_device`.
+    """
+    check_device(quantization, device)
+    if quantization == "int8":
+        return quantize_int8(decoder)
+    return quantize_fp8(decoder)
+
+
+def quantized(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds int8 layers (:func:`quantize_int8` ran on it)."""
+    return any(isinstance(m, Int8Linear) for m in module.modules())

@@ -1,0 +1,290 @@
+"""Quantized scoring (rerank_core.quantized): int8 on CPU through every path, fp8's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rerank_core import EngineConfig, Reranker
+from rerank_core.quantized import (
+    CODE_OFFSET,
+    Int8Linear,
+    QuantizedDtypeError,
+    check_device,
+    int8_reference,
+    int8_weight_max,
+    quantize_activation,
+    quantize_int8,
+    quantize_weight,
+)
+
+from .reference import official_scores
+from .service_helpers import app_args, post
+from .test_cli import assert_clean_error, cli
+
+QUERY = "What is the capital of France?"
+DOCS = [
+    "Paris is the capital and largest city of France.",
+    "The Eiffel Tower was built for the 1889 World's Fair and stands in Paris.",
+    "Berlin is the capital of Germany. " * 6,
+    "Bananas are yellow.",
+    "France borders Spain, Italy, Germany, Belgium, Luxembourg and Switzerland.",
+]
+# The widths of the released models' linear layers (0.6B: 1024 -> 2048/1024/3072 and back).
+WIDTHS = [(64, 96), (1024, 2048), (2048, 1024), (1024, 3072), (3072, 1024)]
+
+
+# The layer ----------------------------------------------------------------------------------------
+
+
+def test_weight_max_is_what_this_cpus_products_handle_exactly():
+    weight_max = int8_weight_max()
+    assert weight_max in (63, 127)
+    # The other choice: where 63 was chosen, full-range weights really do come out wrong.
+    if weight_max == 63:
+        torch.manual_seed(0)
+        layer = Int8Linear(torch.nn.Linear(1024, 256, bias=False), 127)
+        x = torch.randn(64, 1024)
+        assert (layer(x).double() - int8_reference(layer, x)).abs().max() > 1e-2
+
+
+def test_weight_and_activation_codes_are_symmetric_per_channel_and_per_row():
+    torch.manual_seed(1)
+    weight = torch.randn(8, 32) * torch.arange(1, 9)[:, None]
+    codes, scales = quantize_weight(weight, 63)
+    assert codes.dtype == torch.int8 and codes.abs().amax(1).tolist() == [63] * 8
+    assert torch.allclose(codes.float() * scales[:, None], weight, atol=float(scales.max()) / 2 + 1e-6)
+    rows = torch.randn(5, 32) * torch.tensor([1e-3, 1.0, 10.0, 1e3, 0.0])[:, None]
+    act, row_scales = quantize_activation(rows)
+    assert act.dtype == torch.uint8 and row_scales.shape == (5, 1)
+    centred = act.int() - CODE_OFFSET
+    assert centred[:4].abs().amax(1).tolist() == [127] * 4 and centred[4].abs().max() == 0  # a zero row stays zero
+    assert torch.allclose(centred.float() * row_scales, rows, rtol=0, atol=float(row_scales.max()) / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_int8_linear_is_the_integer_product_it_promises(width):
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(*width, bias=width[0] == 64)
+    layer = Int8Linear(linear, int8_weight_max())
+    x = torch.randn(3, 37, width[0])
+    y = layer(x)
+    assert y.shape == (3, 37, width[1]) and y.dtype == torch.float32
+    exact = int8_reference(layer, x)
+    assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    # Quantization moves the output, but by a few percent of its range, not more.
+    assert (y - linear(x)).abs().max() <= 0.1 * linear(x).abs().max()
+
+
+def test_int8_linear_rows_do_not_depend_on_their_neighbours():
+    """Exact integer sums: a row's output is bit-identical alone, in a small or a large product."""
+    torch.manual_seed(3)
+    layer = Int8Linear(torch.nn.Linear(1024, 3072, bias=False), int8_weight_max())
+    x = torch.randn(517, 1024) * torch.logspace(-2, 2, 517)[:, None]
+    together = layer(x)
+    for r in (0, 1, 255, 516):
+        assert torch.equal(layer(x[r : r + 1]), together[r : r + 1])
+    assert torch.equal(layer(x[100:140]), together[100:140])
+
+
+def test_int8_linear_keeps_a_bf16_input_in_bf16():
+    layer = Int8Linear(torch.nn.Linear(64, 32, bias=False), int8_weight_max())
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - int8_reference(layer, x)).abs().max() <= 2e-2 * y.abs().max()
+
+
+# The engine ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tiny_checkpoint):
+    return Reranker.load(str(tiny_checkpoint), device="cpu", dtype="int8")
+
+
+@pytest.fixture(scope="module")
+def int8_official(tiny_checkpoint):
+    """The model card's procedure (unpacked, padded, full vocabulary) on the same int8 model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    quantize_int8(model.get_decoder())
+    model.float().eval()
+    return model, AutoTokenizer.from_pretrained(tiny_checkpoint, padding_side="left")
+
+
+def test_int8_engine_quantizes_the_decoders_linear_layers_only(int8_engine):
+    decoder = int8_engine.scorer.backbone
+    layers = [m for m in decoder.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 7 * decoder.config.num_hidden_layers
+    assert not any(isinstance(m, torch.nn.Linear) for m in decoder.modules())
+    assert decoder.embed_tokens.weight.dtype == torch.float32  # the float dtype of an AVX2 CPU ... or bf16
+    assert int8_engine.scorer.head.weight.dtype == torch.float32  # the yes/no head is never quantized
+    assert int8_engine.scorer.packing  # the same packed passes as the float dtypes
+
+
+def test_int8_engine_matches_the_model_cards_procedure_on_the_int8_model(int8_engine, int8_official):
+    model, tokenizer = int8_official
+    expected = official_scores(model, tokenizer, QUERY, DOCS)
+    scores = int8_engine.score(QUERY, DOCS)
+    assert max(abs(a - b) for a, b in zip(scores, expected, strict=True)) <= 1e-5
+    instruction = "Judge whether the passage names a city"
+    expected = official_scores(model, tokenizer, "cities", DOCS, instruction=instruction)
+    scores = int8_engine.score("cities", DOCS, instruction)
+    assert max(abs(a - b) for a, b in zip(scores, expected, strict=True)) <= 1e-5
+
+
+def test_int8_engine_without_prefix_sharing_or_packing_gives_the_same_scores(tiny_checkpoint, int8_engine):
+    scores = int8_engine.score(QUERY, DOCS)
+    for settings in ({"share_prefix": False}, {"packing": False}):
+        other = Reranker.load(str(tiny_checkpoint), config=EngineConfig(device="cpu", dtype="int8", **settings))
+        assert max(abs(a - b) for a, b in zip(other.score(QUERY, DOCS), scores, strict=True)) <= 1e-5
+
+
+def test_int8_scores_move_from_float32_but_stay_scores(reranker, int8_engine):
+    fp32, int8 = reranker.score(QUERY, DOCS), int8_engine.score(QUERY, DOCS)
+    assert all(0.0 <= s <= 1.0 for s in int8)
+    assert 0 < max(abs(a - b) for a, b in zip(fp32, int8)) < 0.2
+
+
+def test_int8_long_documents_are_scored_by_their_best_window(tiny_checkpoint):
+    engine = Reranker.load(str(tiny_checkpoint), config=EngineConfig(device="cpu", dtype="int8", max_length=96))
+    long_doc = " ".join(DOCS * 4)
+    windows = engine.encode_windows(QUERY, [long_doc], max_chunks_per_doc=4)
+    assert windows.num_windows > 1
+    best = engine.score(QUERY, [long_doc], max_chunks_per_doc=4)[0]
+    per_window = engine.score_encoded([windows.encoded])[0]  # one probability per window
+    assert best == pytest.approx(max(per_window), abs=1e-6)
+    assert best != pytest.approx(engine.score(QUERY, [long_doc])[0], abs=1e-6)  # not the first window's
+
+
+def test_int8_batch_invariance_holds_without_tiles(tiny_checkpoint):
+    engine = Reranker.load(str(tiny_checkpoint), config=EngineConfig(device="cpu", dtype="int8", batch_invariant=True))
+    assert engine.scorer.batch_invariant
+    together = engine.score(QUERY, DOCS)
+    for i, doc in enumerate(DOCS):
+        assert engine.score(QUERY, [doc])[0] == together[i]  # bit for bit
+    mixed = engine.score_pairs([("cities", DOCS[0]), (QUERY, DOCS[2]), ("cities", DOCS[3]), (QUERY, DOCS[4])])
+    assert mixed[1] == together[2] and mixed[3] == together[4]
+
+
+# Refusals -----------------------------------------------------------------------------------------
+
+
+def test_fp8_on_a_cpu_is_refused_before_the_weights_are_read(tiny_checkpoint, monkeypatch):
+    import transformers
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights read before the dtype was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    with pytest.raises(QuantizedDtypeError, match=r"fp8 needs a CUDA GPU with compute capability 8.9.*device is cpu"):
+        Reranker.load(str(tiny_checkpoint), dtype="fp8")  # device "auto" resolves to this CPU
+    with pytest.raises(ValueError, match=r"dtype fp8 runs on cuda only, not on device 'cpu'"):
+        Reranker.load(str(tiny_checkpoint), device="cpu", dtype="fp8")
+
+
+def test_fp8_on_a_gpu_without_fp8_names_the_gpu_and_its_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(QuantizedDtypeError, match=r"8\.9 or higher; NVIDIA A100-SXM4-80GB \(cuda:0\) has 8\.0"):
+        check_device("fp8", torch.device("cuda:0"))
+
+
+def test_fp8_on_a_hopper_gpu_without_torchao_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(QuantizedDtypeError, match=r"fp8 needs torchao: pip install 'qwen3-rerank-serve\[fp8\]'"):
+        check_device("fp8", torch.device("cuda:0"))
+
+
+def test_int8_off_cpu_and_unknown_dtypes_are_refused_by_the_config():
+    with pytest.raises(ValueError, match="dtype int8 runs on cpu only, not on device 'cuda'"):
+        EngineConfig(device="cuda", dtype="int8")
+    with pytest.raises(ValueError, match="dtype fp8 runs on cuda only"):
+        EngineConfig(device="cpu", dtype="fp8")
+    with pytest.raises(ValueError, match="one of float32, bfloat16, float16, int8, fp8, got 'int4'"):
+        EngineConfig(dtype="int4")
+    with pytest.raises(QuantizedDtypeError, match="int8 runs on CPU only.*the device is cuda:0"):
+        check_device("int8", torch.device("cuda:0"))
+
+
+def test_the_cpu_config_default_stays_float():
+    import yaml
+
+    from .test_configs import CONFIGS
+
+    for path in CONFIGS:
+        args = yaml.safe_load(path.read_text())["applications"][0]["args"]
+        assert all(m.get("dtype", "auto") not in ("int8", "fp8") for m in args["models"]), path
+    assert EngineConfig().quantization is None and EngineConfig(dtype="auto").torch_dtype() != torch.int8
+
+
+def test_serve_config_refuses_a_quantized_dtype_on_the_wrong_device(tiny_checkpoint):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="dtype fp8 runs on cuda only, not on device 'cpu'"):
+        app_args(tiny_checkpoint, model={"dtype": "fp8"})
+
+
+# The user's paths: CLI, HTTP, batch ----------------------------------------------------------------
+
+
+def test_cli_run_scores_in_int8(tiny_checkpoint, int8_engine, tmp_path):
+    out = tmp_path / "int8.json"
+    result = cli("run", "-m", tiny_checkpoint, "--device", "cpu", "--dtype", "int8", "-i", f"query: {QUERY}",
+                 *[a for d in DOCS for a in ("-i", d)], "--json", "-o", out)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(out.read_text(encoding="utf-8"))
+    by_index = {r["index"]: r["relevance_score"] for r in body["results"]}
+    expected = int8_engine.score(QUERY, DOCS)
+    assert max(abs(by_index[i] - s) for i, s in enumerate(expected)) <= 1e-5
+
+
+def test_cli_run_with_fp8_on_this_cpu_fails_with_one_line(tiny_checkpoint):
+    result = cli("run", "-m", tiny_checkpoint, "--dtype", "fp8", "-i", "query: q", "-i", "d")
+    assert_clean_error(result, 1, "fp8 needs a CUDA GPU", "device is cpu")
+
+
+def test_http_serves_int8_scores(ray_cluster, tiny_checkpoint, int8_engine):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(app_args(tiny_checkpoint, model={"dtype": "int8"})), name="int8", route_prefix="/int8")
+    try:
+        r = post(f"{ray_cluster}/int8/rerank", {"model": "tiny", "query": QUERY, "documents": DOCS})
+        assert r.status_code == 200, r.text
+        expected = int8_engine.score(QUERY, DOCS)
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert max(abs(got[i] - s) for i, s in enumerate(expected)) <= 1e-5
+        assert [x["index"] for x in r.json()["results"]] == sorted(range(len(DOCS)), key=lambda i: (-expected[i], i))
+    finally:
+        serve.delete("int8")
+
+
+def test_batch_cli_scores_a_file_in_int8(ray_cluster, tiny_checkpoint, int8_engine, tmp_path):
+    import ray
+
+    from .test_batch import read_output, write_jsonl
+
+    source = write_jsonl(tmp_path / "q.jsonl", [{"query": QUERY, "documents": DOCS, "id": 0}])
+    result = cli("batch", source, "-o", tmp_path / "out", "-m", tiny_checkpoint, "--device", "cpu", "--dtype", "int8",
+                 "--num-cpus", "0", "--tokenize-cpus", "0.5", "--no-progress",
+                 "--address", ray.get_runtime_context().gcs_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_output(tmp_path / "out")
+    expected = int8_engine.score(QUERY, DOCS)
+    assert max(abs(a - b) for a, b in zip(row["scores"], expected, strict=True)) <= 1e-5

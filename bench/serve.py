@@ -226,6 +226,7 @@ def main(argv=None) -> dict:
     from deployments.app import build_app, model_deployment_name
     from deployments.args import AppArgs, ModelArgs
     from rerank_core import Reranker
+    from rerank_core.quantized import compute_dtype
 
     checkpoint = ensure_checkpoint(opts.checkpoint, opts.quick)
     args, http = load_app_args(Path(opts.config), checkpoint)
@@ -257,7 +258,7 @@ def main(argv=None) -> dict:
     batching = {k: after[k] - before[k] for k in ("batches", "chunks", "pairs", "forward_passes")}
     serve.shutdown()
     ray.shutdown()
-    dtype = str(next(engine.scorer.backbone.parameters()).dtype).removeprefix("torch.")
+    dtype = str(compute_dtype(engine.scorer.backbone)).removeprefix("torch.")
     del engine
 
     vllm = []

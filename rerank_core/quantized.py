@@ -170,16 +170,19 @@ class Int8Linear(torch.nn.Module):
     Args:
         linear: the layer to replace; its weight is quantized (the float weight is not kept).
         weight_max: largest weight code (:func:`int8_weight_max`).
+        keep_codes: also keep the plain codes (``weight_codes``) that :func:`int8_reference`
+            reads; off in the engine, where only the reordered copy is needed (it would double
+            the int8 weights' memory).
     """
 
-    def __init__(self, linear: torch.nn.Linear, weight_max: int):
+    def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight_max = weight_max
         codes, self.weight_scale = quantize_weight(linear.weight, weight_max)
-        # Kept for the reference and for tests; the product reads only the reordered copy.
-        self.weight_codes = codes
+        # The product reads only the reordered copy.
+        self.weight_codes = codes if keep_codes else None
         self.weight_packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
@@ -198,7 +201,12 @@ class Int8Linear(torch.nn.Module):
 
 
 def int8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
-    """What :class:`Int8Linear` computes, in float64 with plain torch ops (the tests' reference)."""
+    """What :class:`Int8Linear` computes, in float64 with plain torch ops (the tests' reference).
+
+    Needs a layer built with ``keep_codes=True``.
+    """
+    if layer.weight_codes is None:
+        raise ValueError("int8_reference needs an Int8Linear built with keep_codes=True")
     rows = x.reshape(-1, layer.in_features)
     codes, scales = quantize_activation(rows)
     out = ((codes.double() - CODE_OFFSET) @ layer.weight_codes.double().t()) * scales.double() * layer.weight_scale.double()
@@ -207,17 +215,19 @@ def int8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
-def quantize_int8(module: torch.nn.Module) -> int:
-    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place.
+def quantize_int8(module: torch.nn.Module, keep_codes: bool = False) -> int:
+    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place
+    (``keep_codes``: see :class:`Int8Linear`).
 
     Returns:
         the number of layers replaced.
     """
     weight_max = int8_weight_max()
-    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
-    for name, linear in targets:
-        _replace_submodule(module, name, Int8Linear(linear, weight_max))
-    return len(targets)
+    # Names, not modules: each float layer is freed as soon as it is replaced.
+    names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
+    for name in names:
+        _replace_submodule(module, name, Int8Linear(module.get_submodule(name), weight_max, keep_codes))
+    return len(names)
 
 
 def quantize_fp8(module: torch.nn.Module) -> int:
@@ -247,6 +257,37 @@ def quantize_decoder(decoder: torch.nn.Module, quantization: str, device: torch.
     if quantization == "int8":
         return quantize_int8(decoder)
     return quantize_fp8(decoder)
+
+
+def cast_around_embeddings(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters and buffers to ``dtype``, in place, except its
+    embedding tables (the input one, and the output one where it is not tied), which keep the
+    dtype they were loaded in; lookups in the input table are cast to ``dtype`` as they leave it.
+
+    For a quantized model whose other layers compute in float32: the tables are the largest
+    float weights left (0.3 GB of the 0.6B shape's in bf16, 1.2 GB each of the 8B's), a float32
+    copy doubles them, and converting them at load was its largest transient (docs/quantized.md,
+    "Memory"). A bf16 value cast to float32 is exact, so the scores are those of float32 tables.
+    """
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    kept = {id(embedding.weight)} | ({id(output.weight)} if output is not None else set())
+    if embedding.weight.dtype != dtype:
+        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
+    for module in model.modules():
+        for _, param in module.named_parameters(recurse=False):
+            if id(param) not in kept and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
+
+
+def compute_dtype(backbone: torch.nn.Module) -> torch.dtype:
+    """The float dtype ``backbone`` (a decoder) computes in: its last floating parameter's (the
+    final norm's), not its first, the embedding table, which :func:`cast_around_embeddings` may
+    leave in the load dtype."""
+    return [p for p in backbone.parameters() if p.is_floating_point()][-1].dtype
 
 
 def quantized(module: torch.nn.Module) -> bool:

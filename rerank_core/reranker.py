@@ -15,7 +15,7 @@ from .head import YesNoHead, answer_token_ids
 from .invariant import tile_linear_layers, untile_linear_layers
 from .pairs import group_by_query
 from .prompt import EncodedQuery, PromptEncoder
-from .quantized import check_device, quantize_decoder, quantized
+from .quantized import cast_around_embeddings, check_device, compute_dtype, quantize_decoder, quantized
 from .ranking import RankResult, rank
 from .registry import TOKENIZER_FILES, ModelSourceError, resolve_source
 from .varlen import VarlenAttention, checked_scorer
@@ -84,17 +84,17 @@ class Reranker:
         device = next(model.parameters()).device
         if config.quantization and not quantized(model.get_decoder()):
             # Quantized once, here, from the weights as loaded (bf16 from Reranker.load, as released);
-            # the layers left in float then take the compute dtype.
+            # the layers left in float then take the compute dtype, the embedding tables excepted.
             quantize_decoder(model.get_decoder(), config.quantization, device)
-            model.to(config.torch_dtype())
-        parameter = next(model.parameters())
+            cast_around_embeddings(model, config.torch_dtype())
+        dtype = compute_dtype(model.get_decoder())
         head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)
 
-        packing = config.packed(device, parameter.dtype)
+        packing = config.packed(device, dtype)
         # Batch invariance needs fixed-tile linear layers. Both scorers below share one backbone,
         # so the layers are tiled here, once, for the packed scorer that needs them, and put back
         # if the varlen check hands the work to padded passes (which promise no invariance).
-        invariant = config.invariant(device, parameter.dtype)  # False wherever packing resolves off
+        invariant = config.invariant(device, dtype)  # False wherever packing resolves off
         # int8 layers sum exactly in integers: invariant as they are (rerank_core.quantized).
         if invariant and not quantized(model.get_decoder()):
             tile_linear_layers(model.get_decoder(), config.tile_rows)
@@ -111,7 +111,7 @@ class Reranker:
         self.packed_check_failure: str | None = None
         # The largest |packed - padded| probe score difference the check found (None: no check ran).
         self.packed_check_difference: float | None = None
-        if packing and config.packed_attention_for(device, parameter.dtype) == "varlen":
+        if packing and config.packed_attention_for(device, dtype) == "varlen":
             report: dict = {}
             self.scorer, self.packed_check_failure = checked_scorer(
                 scorer(True, VarlenAttention(varlen_kernel)), scorer(False), self.encoder.encode, report=report
@@ -127,7 +127,7 @@ class Reranker:
         decoder = model.get_decoder()
         # Padded passes (also a varlen path replaced at start-up) are never compiled.
         compile_ = (
-            config.compiled_layers(device, parameter.dtype) and self.scorer.packing and compile_layers(decoder) > 0
+            config.compiled_layers(device, dtype) and self.scorer.packing and compile_layers(decoder) > 0
         )
         if config.compile_layers and not self.scorer.packing:
             # Asked for, but this engine runs padded passes (packing resolved off for the device and

@@ -66,6 +66,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .packing import Segments
+from .quantized import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +416,7 @@ def self_check(packed, padded, encode, tolerance: float = SELF_CHECK_TOLERANCE, 
         dtype, the pass raised, a score is not finite, or the scores differ by more than
         ``tolerance``), or ``None``.
     """
-    reason = packed.packed_attention.unsupported(packed.device, next(packed.backbone.parameters()).dtype)
+    reason = packed.packed_attention.unsupported(packed.device, compute_dtype(packed.backbone))
     if reason is not None:
         return reason
     try:

@@ -13,6 +13,7 @@ from rerank_core.quantized import (
     Int8Linear,
     QuantizedDtypeError,
     check_device,
+    compute_dtype,
     int8_reference,
     int8_weight_max,
     quantize_activation,
@@ -121,7 +122,14 @@ def test_int8_engine_quantizes_the_decoders_linear_layers_only(int8_engine):
     layers = [m for m in decoder.modules() if isinstance(m, Int8Linear)]
     assert len(layers) == 7 * decoder.config.num_hidden_layers
     assert not any(isinstance(m, torch.nn.Linear) for m in decoder.modules())
-    assert decoder.embed_tokens.weight.dtype == torch.float32  # the float dtype of an AVX2 CPU ... or bf16
+    # Only the reordered copy of each weight is held: the plain codes would double the int8 bytes.
+    assert all(m.weight_codes is None and m.weight_packed.dtype == torch.int8 for m in layers)
+    # The embedding table stays as loaded (bf16, half a float32 copy's bytes); its lookups leave
+    # it in the float dtype the rest computes in (float32 on a CPU without native bf16).
+    float_dtype = EngineConfig(device="cpu", dtype="int8").torch_dtype()
+    assert decoder.embed_tokens.weight.dtype == torch.bfloat16 and compute_dtype(decoder) == float_dtype
+    assert decoder.embed_tokens(torch.tensor([[1, 2]])).dtype == float_dtype
+    assert decoder.norm.weight.dtype == float_dtype
     assert int8_engine.scorer.head.weight.dtype == torch.float32  # the yes/no head is never quantized
     assert int8_engine.scorer.packing  # the same packed passes as the float dtypes
 

@@ -219,6 +219,18 @@ def weaviate_response(body: schemas.WeaviateRerankRequest, r: Scored) -> schemas
     )
 
 
+# OpenSearch ml-commons, post-process function default.rerank: POST /opensearch/rerank ---------
+
+
+def opensearch_job(body: schemas.OpenSearchRerankRequest) -> Job:
+    return Job.rerank(body.query, body.documents, model=body.model)
+
+
+def opensearch_response(body: schemas.OpenSearchRerankRequest, r: Scored) -> list[schemas.OpenSearchResult]:
+    """A bare array, best first: ``default.rerank`` reads ``$[*]`` and puts each score at its index."""
+    return [schemas.OpenSearchResult(index=i, relevance_score=r.scores[i]) for i in r.order(body.top_n)]
+
+
 # vLLM score: POST /score, /v1/score -----------------------------------------------------------
 
 

@@ -51,8 +51,9 @@ class Timeout(ServiceError):
 
 
 # Clients that read `error` as a string (TEI's error body, `{"error": str, "error_type": str}`):
-# Elasticsearch's hugging_face service and Weaviate's reranker-transformers module.
-STRING_ERROR_PREFIXES = ("/elasticsearch/", "/weaviate/")
+# Elasticsearch's hugging_face service and Weaviate's reranker-transformers module. OpenSearch's
+# connectors report a failed call's whole body as text: the short string form reads best there.
+STRING_ERROR_PREFIXES = ("/elasticsearch/", "/weaviate/", "/opensearch/")
 # Cohere's API answers `{"message": str}`; Weaviate's reranker-cohere module reads only that.
 COHERE_PATHS = {"/v1/rerank", "/v2/rerank"}
 

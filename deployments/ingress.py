@@ -182,6 +182,12 @@ class RerankIngress:
     async def weaviate_ready(self) -> None:
         await self.health()
 
+    @app.post("/opensearch/rerank", response_model=list[schemas.OpenSearchResult], responses=STRING_ERROR_RESPONSES,
+              summary="Rerank documents (OpenSearch ml-commons connector, post-process default.rerank)")
+    async def rerank_opensearch(self, body: schemas.OpenSearchRerankRequest) -> list[schemas.OpenSearchResult]:
+        """``{query, documents, top_n?, model?}`` answered by ``[{index, relevance_score}]``, best first."""
+        return adapters.opensearch_response(body, await self._score(adapters.opensearch_job(body)))
+
     @app.post("/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
               summary="Score (query, document) pairs (vLLM score shape)")
     @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,

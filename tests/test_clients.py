@@ -168,19 +168,45 @@ def opensearch_rerank(response_body, post_process: str, num_documents: int) -> l
     return scores
 
 
-def test_opensearch_cohere_rerank_connector(service, expected):
-    # The connector's request_body filled as ml-commons fills ${parameters.*} (the cohere.rerank
-    # pre-process function sets documents, query and top_n = the number of documents).
-    scores, _ = expected
-    connector = doc_config("opensearch-connector", service)
+def call_connector(name: str, service: str, documents: list[str], query: str) -> requests.Response:
+    """The docs' connector ``name`` called as ml-commons calls it: its request_body with
+    ${parameters.*} filled from the connector's parameters and what the rerank pre-process function
+    sets (documents, query, top_n = the number of documents), its headers' credential filled."""
+    connector = doc_config(name, service)
     action = connector["actions"][0]
-    params = {**connector["parameters"], "documents": json.dumps(DOCS), "query": QUERY, "top_n": str(len(DOCS))}
+    params = {**connector["parameters"], "documents": json.dumps(documents), "query": query,
+              "top_n": str(len(documents))}
     filled = re.sub(r"\$\{parameters\.(\w+)\}", lambda m: params[m.group(1)], action["request_body"])
     headers = {k: v.replace("${credential.api_key}", connector["credential"]["api_key"])
                for k, v in action["headers"].items()}
-    r = requests.request(action["method"], action["url"], data=filled, headers=headers, timeout=60)
+    return requests.request(action["method"], action["url"], data=filled, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("name, post_process", [
+    ("opensearch-connector", "connector.post_process.cohere.rerank"),
+    ("opensearch-default-connector", "connector.post_process.default.rerank"),
+])
+def test_opensearch_rerank_connectors(service, expected, name, post_process):
+    scores, order = expected
+    assert doc_config(name, service)["actions"][0]["post_process_function"] == post_process
+    r = call_connector(name, service, DOCS, QUERY)
     assert r.status_code == 200, r.text
-    close(opensearch_rerank(r.json(), action["post_process_function"], len(DOCS)), scores)
+    close(opensearch_rerank(r.json(), post_process, len(DOCS)), scores)
+    results = r.json()["results"] if post_process.endswith("cohere.rerank") else r.json()
+    # The function casts each score to Double: a JSON number with a fraction, never an integer.
+    assert all(isinstance(item["relevance_score"], float) for item in results)
+    assert [item["index"] for item in results] == order  # best first, as Cohere's answer
+
+
+@pytest.mark.parametrize("body, fragment", [({"query": "q", "documents": []}, "documents"),
+                                            ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+                                            ({"query": "q", "documents": ["a"], "texts": ["a"]}, "texts"),
+                                            ({"query": "q", "documents": ["a"], "model": "absent"}, "absent")])
+def test_opensearch_default_rerank_errors_are_a_short_string(service, body, fragment):
+    # ml-commons fails the search with "Error from remote service: " + the body as text.
+    r = post(f"{service}/opensearch/rerank", body)
+    assert r.status_code in (404, 422), r.text
+    assert isinstance(r.json()["error"], str) and fragment in r.json()["error"]
 
 
 # Weaviate ------------------------------------------------------------------------------------
@@ -368,7 +394,7 @@ def test_the_python_snippets_of_the_docs_rank_as_the_engine(service, reranker, n
 
 def test_openapi_documents_the_dialect_routes_and_their_error_bodies(service):
     spec = requests.get(f"{service}/openapi.json", timeout=10).json()
-    for path in ("/elasticsearch/rerank", "/weaviate/rerank"):
+    for path in ("/elasticsearch/rerank", "/weaviate/rerank", "/opensearch/rerank"):
         schema = spec["paths"][path]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
         assert schema["$ref"].endswith("/StringErrorResponse")
     assert "204" in spec["paths"]["/weaviate/.well-known/ready"]["get"]["responses"]

@@ -278,6 +278,22 @@ def test_api_keys_guard_every_route_but_health(secure_service):
         assert r.status_code == 200, (key, r.text)
 
 
+def test_api_keys_guard_the_dialect_routes_in_their_error_shape(secure_service):
+    # Elasticsearch, Weaviate and OpenSearch read `error` as a string (or show the body as text).
+    body = {"query": QUERY, "documents": DOCS[:2]}
+    for path in ("/elasticsearch/rerank", "/weaviate/rerank", "/opensearch/rerank"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = post(f"{secure_service}{path}", body, headers=headers)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json() == {"error": "missing or invalid bearer token", "error_type": "unauthorized"}
+            assert r.headers["www-authenticate"] == "Bearer"
+        r = post(f"{secure_service}{path}", body, headers={"Authorization": "Bearer secret-key"})
+        assert r.status_code == 200, (path, r.text)
+    assert requests.get(f"{secure_service}/weaviate/meta", timeout=10).status_code == 401
+    # Weaviate's module sends no credentials to its readiness probe: it stays open.
+    assert requests.get(f"{secure_service}/weaviate/.well-known/ready", timeout=10).status_code == 204
+
+
 @pytest.fixture
 def slow_service(ray_cluster, tiny_checkpoint):
     """One model replica taking one chunk at a time, each batch waiting 1 s, a queue of 1."""

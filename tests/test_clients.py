@@ -295,19 +295,20 @@ def test_milvus_vllm_ranker(service, reranker):
     assert r.status_code == 422 and "truncate_prompt_tokens" in r.json()["error"]["message"]
 
 
-def test_pymilvus_model_tei_rerank_function(service, expected):
-    # pymilvus.model.reranker.TEIRerankFunction (pymilvus-model 0.3): POST {api_url}/rerank
-    # {query, return_text, texts}; the first 5 results as (text, score, index); `error` raises.
-    scores, order = expected
-    resp = requests.post(f"{service}/rerank", json={"query": QUERY, "return_text": True, "texts": DOCS}).json()
-    assert "error" not in resp
-    results = [(res["text"], res["score"], res["index"]) for res in resp[:5]]
-    assert [r[2] for r in results] == order[:5] and [r[0] for r in results] == [DOCS[i] for i in order[:5]]
-    close([r[1] for r in results], [scores[i] for i in order[:5]])
-    assert "error" in requests.post(f"{service}/rerank", json={"query": QUERY, "texts": []}).json()
-
-
 # Python clients, real packages ---------------------------------------------------------------
+
+
+def test_pymilvus_model_tei_rerank_function(service, expected):
+    # pymilvus.model.reranker.TEIRerankFunction: POST {api_url}/rerank {query, return_text, texts};
+    # the first 5 results as RerankResult(text, score, index); a body with `error` raises.
+    from pymilvus.model.reranker import TEIRerankFunction
+
+    scores, order = expected
+    results = TEIRerankFunction(api_url=service)(QUERY, DOCS)
+    assert [r.index for r in results] == order[:5] and [r.text for r in results] == [DOCS[i] for i in order[:5]]
+    close([r.score for r in results], [scores[i] for i in order[:5]])
+    with pytest.raises(RuntimeError, match="texts"):
+        TEIRerankFunction(api_url=service)(QUERY, [])
 
 
 def test_cohere_v1_client(service, expected):
@@ -379,7 +380,8 @@ def test_litellm_hosted_vllm_rerank_passes_instruction(service, reranker):
     "name, package",
     [("cohere-v1", "cohere"), ("langchain", "langchain_cohere"), ("litellm", "litellm"),
      ("llama-index-cohere", "llama_index.postprocessor.cohere_rerank"),
-     ("llama-index-tei", "llama_index.postprocessor.tei_rerank")],
+     ("llama-index-tei", "llama_index.postprocessor.tei_rerank"),
+     ("pymilvus-model-tei", "pymilvus.model.reranker")],
 )
 def test_the_python_snippets_of_the_docs_rank_as_the_engine(service, reranker, name, package):
     pytest.importorskip(package)

@@ -19,6 +19,12 @@ Steps (``--steps``, comma-separated; all by default):
   AVX2 CPU against int8; name bfloat16 too where the CPU multiplies it natively). One warm-up
   each, then ``--rounds`` rounds in which every engine scores once, the order rotating each round.
   Reported: median pairs/s per dtype and each dtype's ratio to the first.
+* ``breakdown``: where one call's time goes (``--speed-docs`` documents of workload A, torch
+  profiler, after a warm-up), float32 against int8: the linear products (``aten::linear`` in
+  float32; ``Int8Linear``'s labelled product in int8), int8's activation quantization and rescale,
+  attention, and the rest (norms, RoPE, SwiGLU, copies), which int8 leaves in float. From these,
+  ``ceiling``: int8's speed-up over float32 if quantizing and rescaling cost nothing (float32's
+  call over int8's products plus float32's non-product time), the most its products allow.
 * ``fidelity``: ``--queries`` queries x ``--docs`` documents (seeded random words, 20..120 words,
   seeded query words), scored by float32 (the reference) and each other dtype (``--fidelity-dtypes``,
   default bfloat16, int8 and int8-w8: int8 with 8-bit weights emulated in float32, what a VNNI or
@@ -76,7 +82,7 @@ from rerank_core.quantized import (  # noqa: E402
     quantize_weight,
 )
 
-STEPS = ("speed", "fidelity", "memory", "kernels")
+STEPS = ("speed", "breakdown", "fidelity", "memory", "kernels")
 
 
 # Fidelity measures ------------------------------------------------------------------------------
@@ -211,6 +217,35 @@ def step_speed(checkpoint: Path, dtypes: list[str], rounds: int, docs: int) -> d
             "seconds": times[dtype],
             f"vs_{first}": statistics.median(times[first]) / median,
         }
+    return out
+
+
+def step_breakdown(checkpoint: Path, docs: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    documents = workload_a(count=docs)
+    labels = {"float32": {"products": "aten::linear"},
+              "int8": {"products": "int8.product", "quantize": "int8.quantize", "rescale": "int8.rescale"}}
+    out: dict = {"documents": docs, "dtypes": {}}
+    for dtype, parts in labels.items():
+        engine = load(checkpoint, dtype)
+        engine.score(QUERY, documents)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            engine.score(QUERY, documents)
+            wall = time.perf_counter() - t0
+        # Inclusive times of the calling thread, in seconds (the profiler's are microseconds).
+        inclusive = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+        seconds = {part: inclusive.get(label, 0.0) for part, label in parts.items()}
+        seconds["attention"] = inclusive.get("aten::scaled_dot_product_attention", 0.0)
+        seconds["rest"] = wall - sum(seconds.values())
+        out["dtypes"][dtype] = {"seconds": wall, "parts": seconds,
+                                "shares": {part: s / wall for part, s in seconds.items()}}
+        del engine
+    fp32, int8 = out["dtypes"]["float32"], out["dtypes"]["int8"]
+    out["product_speedup"] = fp32["parts"]["products"] / int8["parts"]["products"]
+    out["ceiling"] = fp32["seconds"] / (int8["parts"]["products"] + fp32["seconds"] - fp32["parts"]["products"])
+    out["int8_vs_float32"] = fp32["seconds"] / int8["seconds"]
     return out
 
 
@@ -350,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         for dtype, r in speed["dtypes"].items():
             ratio = next(v for k, v in r.items() if k.startswith("vs_"))
             print(f"speed {dtype:9s} {r['pairs_per_second']:.3f} pairs/s  x{ratio:.2f}", flush=True)
+    if "breakdown" in steps:
+        results["breakdown"] = bd = step_breakdown(checkpoint, args.speed_docs)
+        for dtype, r in bd["dtypes"].items():
+            parts = "  ".join(f"{part} {s:.2f} s ({r['shares'][part]:.0%})" for part, s in r["parts"].items())
+            print(f"breakdown {dtype:9s} {r['seconds']:.2f} s: {parts}", flush=True)
+        print(f"breakdown int8 products x{bd['product_speedup']:.2f} float32's; whole call x{bd['int8_vs_float32']:.2f}; "
+              f"ceiling with free quantization x{bd['ceiling']:.2f}", flush=True)
     if "fidelity" in steps:
         results["fidelity"] = fid = step_fidelity(checkpoint, args.fidelity_dtypes.split(","), args.queries, args.docs)
         for dtype, r in fid["dtypes"].items():

@@ -61,3 +61,17 @@ def test_the_int8_emulation_at_this_cpus_weight_width_reproduces_the_int8_engine
     other = bench.load(checkpoint, "int8-w7" if width == "int8-w8" else "int8-w8")
     query, documents = cases[0]
     assert max(abs(a - b) for a, b in zip(other.score(query, documents), engine.score(query, documents))) > 1e-4
+
+
+def test_breakdown_step_accounts_for_each_call(tiny_checkpoint):
+    result = bench.step_breakdown(tiny_checkpoint, docs=4)
+    fp32, int8 = result["dtypes"]["float32"], result["dtypes"]["int8"]
+    assert set(fp32["parts"]) == {"products", "attention", "rest"}
+    assert set(int8["parts"]) == {"products", "quantize", "rescale", "attention", "rest"}
+    for r in (fp32, int8):
+        # Every labelled part was seen, and the parts add up to the call.
+        assert all(r["parts"][part] > 0 for part in r["parts"] if part != "rest")
+        assert sum(r["parts"].values()) == pytest.approx(r["seconds"])
+        assert 0 < r["shares"]["products"] < 1
+    fp32_rest = fp32["seconds"] - fp32["parts"]["products"]
+    assert result["ceiling"] == pytest.approx(fp32["seconds"] / (int8["parts"]["products"] + fp32_rest))

@@ -6,10 +6,11 @@ Run from the repository root on a machine with a CUDA GPU:
     python bench/gpu.py --json gpu.json          # the default steps
     python bench/gpu.py --device cpu --checkpoint DIR --quick --varlen-stand-in --shapes tiny  # smoke run
 
-Default steps: parity, roof, profile, budgets, compile, shapes, peer (the last six in
+Default steps: parity, roof, profile, budgets, compile, shapes, fp8, peer (the last seven in
 ``bench/gpu_steps.py``: the bf16 matrix rate, a torch.profiler table per kernel class with the
 GPU's idle share, pairs/s against ``max_batch_tokens``, compiled against eager layers, the 4B and
-8B shapes, and sentence-transformers' CrossEncoder on the seq-cls copy). The steps throughput,
+8B shapes, ``dtype: fp8`` against bf16 with both scored against fp32, and sentence-transformers'
+CrossEncoder on the seq-cls copy). The steps throughput,
 layouts and invariance below run when named in ``--steps``.
 
 The checkpoint is ``bench/engine.py``'s random model with the exact Qwen3-Reranker-0.6B shape
@@ -265,6 +266,7 @@ def invariance(checkpoint: Path, device: torch.device, queries: int, docs: int, 
 # The bf16 matrix rate the roof step measured (FLOP/s); None until it ran.
 ROOF: float | None = None
 _PACKED: dict = {}
+DEFAULT_STEPS = "parity,roof,profile,budgets,compile,shapes,fp8,peer"
 
 
 def measured_roof(result: dict) -> dict:
@@ -316,6 +318,13 @@ def compile_step(checkpoint: Path, device: torch.device, args) -> dict:
     return out
 
 
+def fp8_step_engine(args, dtype: str) -> Reranker:
+    """The fp8 step's engines: packed passes at ``--budget`` (float32 runs padded on CUDA)."""
+    _PACKED.clear()  # one engine at a time on the device
+    return load_engine(args.checkpoint_path, args.torch_device, dtype, dtype != "float32",
+                       max_batch_tokens=args.budget, max_batch_pairs=args.pairs)
+
+
 def shapes_step(checkpoint: Path, device: torch.device, args) -> dict:
     """The released 4B and 8B shapes, random weights built on the device, packed bf16."""
     out = {}
@@ -351,10 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-batches", default="16,32,64,128", help="CrossEncoder batch sizes (default 16,...,128)")
     parser.add_argument("--varlen-stand-in", action="store_true",
                         help="packed engines use the varlen path with the CPU reference kernel (smoke runs)")
-    parser.add_argument("--steps", default="parity,roof,profile,budgets,compile,shapes,peer",
+    parser.add_argument("--steps", default=DEFAULT_STEPS,
                         help="which steps to run, comma-separated, of parity, throughput, layouts, invariance, roof, "
-                             "profile, budgets, compile, shapes, peer (default parity,roof,profile,budgets,compile,"
-                             "shapes,peer)")
+                             f"profile, budgets, compile, shapes, fp8, peer (default {DEFAULT_STEPS})")
     parser.add_argument("--check-tolerance", type=float, default=None, metavar="X",
                         help="the varlen start-up check's tolerance (default rerank_core.varlen's); random "
                              "weights round further apart in bf16 than a released checkpoint does")
@@ -395,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": lambda: budgets_step(checkpoint, device, args, budgets),
         "compile": lambda: compile_step(checkpoint, device, args),
         "shapes": lambda: shapes_step(checkpoint, device, args),
+        "fp8": lambda: gpu_steps.fp8(lambda dtype: fp8_step_engine(args, dtype), workload(args.queries, args.docs),
+                                     device, args.repeats, ROOF),
         "peer": lambda: gpu_steps.peer(checkpoint, device, workload(args.queries, args.docs), args.repeats,
                                        [int(b) for b in args.peer_batches.split(",")], packed_engine(args)[0]),
     }

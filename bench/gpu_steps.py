@@ -11,6 +11,10 @@
 * ``shapes``: the 4B and 8B shapes (random weights with the released configs' shapes, built on
   the device, never written to disk): pairs/s, tokens/s, share of the roof, peak memory, and the
   varlen start-up check's difference.
+* ``fp8``: ``dtype: fp8`` (torchao float8, per-row scales) against bfloat16 on the same calls,
+  and both against float32's scores (bench/quantized.py's fidelity measures: largest and p99
+  |score diff|, Kendall tau, top-3 agreement). Where fp8 is refused (a CPU, a GPU below compute
+  capability 8.9, torchao missing), the refusal is the step's fp8 figure.
 * ``peer``: sentence-transformers' CrossEncoder on the seq-cls conversion of the same checkpoint
   (``score.weight = lm_head[yes] - lm_head[no]``, pad token 151643, the template applied by the
   caller, as the Qwen3 seq-cls recipes do), bf16, at its best batch size, against the engine.
@@ -182,6 +186,37 @@ def measure_engine(engine: Reranker, encoded, device: torch.device, repeats: int
           f"{share}  {stats.forward_passes} passes  peak {row['peak_gib'] or 0:.1f} GiB  "
           f"check diff {engine.packed_check_difference}", flush=True)
     return row
+
+
+def fp8(load, requests, device: torch.device, repeats: int, rate: float | None) -> dict:
+    """``load(dtype)`` builds an engine for float32, bfloat16 and fp8 in turn, one at a time."""
+    from quantized import fidelity  # bench/quantized.py
+
+    out: dict = {"dtypes": {}}
+    scores = {}
+    for dtype in ("float32", "bfloat16", "fp8"):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            engine = load(dtype)
+        except ValueError as e:  # the config's refusal, or the device's (QuantizedDtypeError)
+            out["dtypes"][dtype] = {"refused": str(e)}
+            print(f"[fp8] {dtype}: refused: {e}", flush=True)
+            continue
+        encoded = [engine.encode(q, d) for q, d in requests]
+        out["dtypes"][dtype] = measure_engine(engine, encoded, device, repeats, rate, f"fp8 step {dtype:8s}")
+        scores[dtype] = engine.score_encoded(encoded)
+        del engine, encoded
+    for dtype in ("bfloat16", "fp8"):
+        if dtype in scores:
+            report = out["dtypes"][dtype]["vs_float32"] = fidelity(scores["float32"], scores[dtype])
+            print(f"[fp8] {dtype} vs float32: max |diff| {report['max_abs_diff']:.4f}  p99 {report['p99_abs_diff']:.4f}"
+                  f"  tau mean {report['mean_kendall_tau']:.4f}  top3 {report['top3_agreement']:.3f}", flush=True)
+    if "fp8" in scores:
+        out["fp8/bf16 pairs/s"] = out["dtypes"]["fp8"]["pairs_per_s"] / out["dtypes"]["bfloat16"]["pairs_per_s"]
+        print(f"[fp8] fp8/bf16 pairs/s {out['fp8/bf16 pairs/s']:.2f}x (target 1.5x)", flush=True)
+    return out
 
 
 def released_shape_engine(shape: str, checkpoint: Path, device: torch.device, settings: dict,

@@ -91,6 +91,11 @@ def check_device(quantization: str, device: torch.device) -> None:
             import torchao.quantization  # noqa: F401
         except ImportError as e:
             raise QuantizedDtypeError(f"dtype fp8 needs torchao: pip install 'qwen3-rerank-serve[fp8]' ({e})") from e
+        except Exception as e:  # a torchao built for another torch can fail at import in other ways
+            raise QuantizedDtypeError(
+                f"dtype fp8: torchao is installed but does not import with torch {torch.__version__} "
+                f"({type(e).__name__}: {e}); install a torchao release made for this torch"
+            ) from e
         return
     raise QuantizedDtypeError(f"unknown quantized dtype {quantization!r}; one of {', '.join(QUANTIZED_DTYPES)}")
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -49,3 +50,18 @@ def test_host_bench_runs_on_cpu_and_fewer_passes_cost_less_host_time(tiny_checkp
     # The estimate is preparation plus passes times the layer stack's time per pass.
     assert large["host_ms_eager"] == pytest.approx(large["prep_ms"] + large["passes"] * layers["per_pass_ms"])
     assert "[budget   4096]" in capsys.readouterr().out
+
+
+def test_fp8_step_on_cpu_records_the_refusal_and_bf16s_fidelity(tiny_checkpoint):
+    from rerank_core import EngineConfig, Reranker
+
+    def load(dtype):
+        return Reranker.load(str(tiny_checkpoint), config=EngineConfig(device="cpu", dtype=dtype))
+
+    requests = [("what is a reranker", ["a model that orders documents", "a fish", "ranking by relevance"])] * 2
+    out = gpu_steps.fp8(load, requests, torch.device("cpu"), repeats=1, rate=None)
+    assert "fp8 runs on cuda only" in out["dtypes"]["fp8"]["refused"] and "fp8/bf16 pairs/s" not in out
+    bf16 = out["dtypes"]["bfloat16"]
+    assert bf16["pairs_per_s"] > 0 and bf16["vs_float32"]["pairs"] == 6 and bf16["vs_float32"]["queries"] == 2
+    assert 0 < bf16["vs_float32"]["max_abs_diff"] < 0.2
+    assert out["dtypes"]["float32"]["pairs_per_s"] > 0 and "vs_float32" not in out["dtypes"]["float32"]

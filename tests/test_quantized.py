@@ -202,7 +202,13 @@ def test_fp8_on_a_gpu_without_fp8_names_the_gpu_and_its_capability(monkeypatch):
         check_device("fp8", torch.device("cuda:0"))
 
 
-def test_fp8_on_a_hopper_gpu_without_torchao_says_how_to_install_it(monkeypatch):
+@pytest.mark.parametrize("error, message", [
+    (ImportError("No module named 'torchao'"), r"fp8 needs torchao: pip install 'qwen3-rerank-serve\[fp8\]'"),
+    # A torchao built for another torch: its import fails, but not with ImportError.
+    (AttributeError("module 'torch' has no attribute 'int1'"),
+     r"torchao is installed but does not import with torch .*AttributeError: module 'torch' has no attribute 'int1'"),
+])
+def test_fp8_on_a_hopper_gpu_without_a_working_torchao_says_what_to_install(monkeypatch, error, message):
     import builtins
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -210,11 +216,11 @@ def test_fp8_on_a_hopper_gpu_without_torchao_says_how_to_install_it(monkeypatch)
 
     def no_torchao(name, *args, **kwargs):
         if name.startswith("torchao"):
-            raise ImportError(f"No module named {name!r}")
+            raise error
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torchao)
-    with pytest.raises(QuantizedDtypeError, match=r"fp8 needs torchao: pip install 'qwen3-rerank-serve\[fp8\]'"):
+    with pytest.raises(QuantizedDtypeError, match=message):
         check_device("fp8", torch.device("cuda:0"))
 
 

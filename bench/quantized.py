@@ -59,6 +59,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from engine import (  # noqa: E402
     DEFAULT_CHECKPOINT,
@@ -70,8 +72,8 @@ from engine import (  # noqa: E402
     workload_a,
     workload_memory,
 )
-from hardware import describe, summary  # noqa: E402
 
+from bench.hardware import describe, summary  # noqa: E402
 from rerank_core import Reranker  # noqa: E402
 from rerank_core.invariant import _replace_submodule  # noqa: E402
 from rerank_core.quantized import (  # noqa: E402

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar on stderr (shown above 64 documents when stderr is a terminal)")
     run.add_argument("--compile", action="store_true",
-                     help="compile the decoder layers with torch.compile (any dtype; packed passes only): in bf16 on a CPU with "
+                     help="compile the decoder layers with torch.compile (float dtypes; packed passes only): in bf16 on a CPU with "
                           "AMX about 1.27x faster scoring for 10-30 s more start-up, so worth it above a few "
                           "hundred documents (default: off for run; serve and batch compile where bf16 is native)")
     run.set_defaults(handler="rerank_cli.run_cmd:run")

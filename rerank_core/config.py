@@ -101,7 +101,7 @@ class EngineConfig:
             eager (:mod:`rerank_core.compiled`; needs a C++ compiler on CPU; compiled at
             start-up, eager layers kept if compiling fails; packed passes only); ``None``: by
             device and dtype (:data:`DEFAULT_COMPILE_LAYERS`: on for CPU in bfloat16/float16 where
-            the CPU multiplies bf16 natively, off otherwise).
+            the CPU multiplies bf16 natively, off otherwise); refused with dtype int8.
     """
 
     device: str = "auto"
@@ -138,6 +138,11 @@ class EngineConfig:
             raise ValueError("batch_invariant needs packed passes (packing=True or None)")
         if self.compile_layers and self.packing is False:
             raise ValueError("compile_layers needs packed passes (packing=True or None); padded passes run eagerly")
+        if self.compile_layers and self.dtype == "int8":
+            # Inductor lowers oneDNN's int8 product only for frozen weights (the compile fails);
+            # the layers' activation quantization is compiled on its own (rerank_core.quantized).
+            raise ValueError("compile_layers does not apply to dtype int8: its layers run eagerly, their "
+                             "activation quantization compiled on its own")
         if self.packed_attention is not None and self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(
                 f"packed_attention must be None or one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}"

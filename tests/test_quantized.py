@@ -12,8 +12,10 @@ from rerank_core.quantized import (
     CODE_OFFSET,
     Int8Linear,
     QuantizedDtypeError,
+    _FusedQuantize,
     check_device,
     compute_dtype,
+    fused_quantize,
     int8_reference,
     int8_weight_max,
     quantize_activation,
@@ -24,6 +26,7 @@ from rerank_core.quantized import (
 from .reference import official_scores
 from .service_helpers import app_args, post
 from .test_cli import assert_clean_error, cli
+from .test_compiled import HAS_COMPILER
 
 QUERY = "What is the capital of France?"
 DOCS = [
@@ -63,6 +66,39 @@ def test_weight_and_activation_codes_are_symmetric_per_channel_and_per_row():
     centred = act.int() - CODE_OFFSET
     assert centred[:4].abs().amax(1).tolist() == [127] * 4 and centred[4].abs().max() == 0  # a zero row stays zero
     assert torch.allclose(centred.float() * row_scales, rows, rtol=0, atol=float(row_scales.max()) / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_activation_quantization_is_the_eager_one_bit_for_bit(dtype):
+    torch.manual_seed(4)
+    fused = _FusedQuantize()
+    # One row (a size inductor specializes), many rows, every width of the 0.6B model; rows from
+    # zero to very large, halves exactly between two codes (round half to even in both).
+    for rows, width in [(1, 1024), (37, 1024), (300, 2048), (301, 3072)]:
+        x = (torch.randn(rows, width) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)
+        x[0, :4] = torch.tensor([127.0, -127.0, 0.5, 1.5], dtype=dtype)  # row 0's scale is 1: .5 ties
+        if rows > 1:
+            x[1] = 0
+        want, got = quantize_activation(x), fused(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (rows, width)
+    # Compiled where a C++ compiler is (the eager fall-back is the next test's).
+    assert (fused.failure is None) is HAS_COMPILER
+
+
+def test_the_activation_quantization_runs_eagerly_when_compiling_fails(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fused = _FusedQuantize()
+    x = torch.randn(5, 64)
+    with caplog.at_level("WARNING", logger="rerank_core.quantized"):
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(fused(x), quantize_activation(x)))
+    assert fused.failure == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    assert sum("runs eagerly" in r.getMessage() for r in caplog.records) == 1  # said once, not per call
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -132,6 +168,9 @@ def test_int8_engine_quantizes_the_decoders_linear_layers_only(int8_engine):
     assert decoder.norm.weight.dtype == float_dtype
     assert int8_engine.scorer.head.weight.dtype == torch.float32  # the yes/no head is never quantized
     assert int8_engine.scorer.packing  # the same packed passes as the float dtypes
+    # The engine's layers quantize their activations through the compiled kernel (the start-up
+    # probe compiled it).
+    assert (fused_quantize.failure is None) is HAS_COMPILER
 
 
 def test_int8_engine_matches_the_model_cards_procedure_on_the_int8_model(int8_engine, int8_official):
@@ -233,6 +272,12 @@ def test_int8_off_cpu_and_unknown_dtypes_are_refused_by_the_config():
         EngineConfig(dtype="int4")
     with pytest.raises(QuantizedDtypeError, match="int8 runs on CPU only.*the device is cuda:0"):
         check_device("int8", torch.device("cuda:0"))
+
+
+def test_compile_layers_with_int8_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="compile_layers does not apply to dtype int8"):
+        EngineConfig(device="cpu", dtype="int8", compile_layers=True)
+    assert EngineConfig(device="cpu", dtype="int8").compiled_layers(torch.device("cpu"), torch.float32) is False
 
 
 def test_the_cpu_config_default_stays_float():

@@ -16,7 +16,8 @@ Steps (``--steps``, comma-separated; all by default):
 
 * ``speed``: one query and 16 documents of 30..300 words (bench/engine.py's workload A), scored
   by one engine per dtype (``--speed-dtypes``, default float32 and int8: the fast float path of an
-  AVX2 CPU against int8; name bfloat16 too where the CPU multiplies it natively). One warm-up
+  AVX2 CPU against int8; name bfloat16 too where the CPU multiplies it natively, and
+  ``int8-eager-quantize`` for int8 with its activation quantization eager, not compiled). One warm-up
   each, then ``--rounds`` rounds in which every engine scores once, the order rotating each round.
   Reported: median pairs/s per dtype and each dtype's ratio to the first.
 * ``breakdown``: where one call's time goes (``--speed-docs`` documents of workload A, torch
@@ -79,6 +80,7 @@ from rerank_core.invariant import _replace_submodule  # noqa: E402
 from rerank_core.quantized import (  # noqa: E402
     CODE_OFFSET,
     Int8Linear,
+    fused_quantize,
     int8_weight_max,
     quantize_activation,
     quantize_weight,
@@ -186,8 +188,27 @@ class EmulatedInt8Linear(torch.nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+class EagerQuantizeEngine:
+    """An int8 engine whose calls quantize activations eagerly: the compiled quantization's
+    before figure (``int8-eager-quantize``), alternated with ``int8`` in one process."""
+
+    def __init__(self, engine: Reranker):
+        self.engine = engine
+        self.scorer = engine.scorer
+
+    def score(self, *args, **kwargs):
+        saved, fused_quantize.failure = fused_quantize.failure, "eager for the bench"
+        try:
+            return self.engine.score(*args, **kwargs)
+        finally:
+            fused_quantize.failure = saved
+
+
 def load(checkpoint: Path, dtype: str):
-    """An engine of ``dtype`` (a float or quantized dtype, or a key of :data:`EMULATED_WEIGHT_MAX`)."""
+    """An engine of ``dtype`` (a float or quantized dtype, ``int8-eager-quantize``, or a key of
+    :data:`EMULATED_WEIGHT_MAX`)."""
+    if dtype == "int8-eager-quantize":
+        return EagerQuantizeEngine(Reranker.load(str(checkpoint), device="cpu", dtype="int8"))
     if dtype not in EMULATED_WEIGHT_MAX:
         return Reranker.load(str(checkpoint), device="cpu", dtype=dtype)
     engine = Reranker.load(str(checkpoint), device="cpu", dtype="float32")

@@ -75,3 +75,23 @@ def test_breakdown_step_accounts_for_each_call(tiny_checkpoint):
         assert 0 < r["shares"]["products"] < 1
     fp32_rest = fp32["seconds"] - fp32["parts"]["products"]
     assert result["ceiling"] == pytest.approx(fp32["seconds"] / (int8["parts"]["products"] + fp32_rest))
+
+
+def test_the_eager_quantize_variant_scores_as_int8_and_restores_the_compiled_path(tiny_checkpoint, monkeypatch):
+    import rerank_core.quantized as quantized_module
+
+    from .test_compiled import HAS_COMPILER
+
+    checkpoint = ensure_bf16_copy(tiny_checkpoint)
+    query, documents = bench.fidelity_cases(1, 4)[0]
+    eager, int8 = bench.load(checkpoint, "int8-eager-quantize"), bench.load(checkpoint, "int8")
+    before = quantized_module.fused_quantize.failure
+    # The eager path calls the module's quantize_activation; the compiled one its own graph.
+    calls = []
+    real = quantized_module.quantize_activation
+    monkeypatch.setattr(quantized_module, "quantize_activation", lambda rows: calls.append(1) or real(rows))
+    eager_scores = eager.score(query, documents)
+    eager_calls, calls[:] = len(calls), []
+    assert eager_scores == int8.score(query, documents)  # the same codes either way: the same scores
+    assert eager_calls > 0 and (len(calls) == 0) is HAS_COMPILER
+    assert quantized_module.fused_quantize.failure == before

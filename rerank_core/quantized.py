@@ -43,6 +43,7 @@ import torch
 from torch.profiler import record_function
 
 from .config import QUANTIZED_DTYPES
+from .errors import one_line
 from .invariant import _replace_submodule
 
 # Smallest scale: an all-zero row or channel quantizes to zeros instead of dividing by zero.
@@ -129,7 +130,8 @@ class _FusedQuantize:
     Measured 4-11x faster than eager at the 0.6B model's widths on an AVX2 AMD EPYC, with the same
     codes and scales bit for bit (same operations, same rounding; tested). Compiling needs a C++
     compiler: without one, or on any compile error, activations are quantized eagerly from then
-    on, and :attr:`failure` says why (logged once)."""
+    on, and :attr:`failure` says why (logged once). An error that eager quantization raises too
+    (the input's, not the compiler's) is raised as eager raises it, and the compiled path stays."""
 
     def __init__(self):
         self.compiled = None
@@ -142,8 +144,10 @@ class _FusedQuantize:
                     self.compiled = torch.compile(quantize_activation, dynamic=True)
                 return self.compiled(rows)
             except Exception as e:  # noqa: BLE001  (a missing compiler, an inductor bug: eager is exact too)
-                self.failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                result = quantize_activation(rows)  # raises first if the input is what failed
+                self.failure = one_line(e)
                 log.warning("int8: compiling the activation quantization failed (%s); it runs eagerly", self.failure)
+                return result
         return quantize_activation(rows)
 
 

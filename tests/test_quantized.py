@@ -101,6 +101,16 @@ def test_the_activation_quantization_runs_eagerly_when_compiling_fails(monkeypat
     assert sum("runs eagerly" in r.getMessage() for r in caplog.records) == 1  # said once, not per call
 
 
+def test_an_error_eager_quantization_raises_too_keeps_the_compiled_path():
+    fused = _FusedQuantize()
+    with pytest.raises(NotImplementedError, match="ComplexFloat"):  # eager's own error, not the compiler's
+        fused(torch.randn(4, 8).to(torch.complex64))
+    assert fused.failure is None
+    x = torch.randn(5, 64)
+    assert all(torch.equal(a, b) for a, b in zip(fused(x), quantize_activation(x)))
+    assert fused.failure is None
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_int8_linear_is_the_integer_product_it_promises(width):
     torch.manual_seed(2)

@@ -29,8 +29,10 @@ Steps (``--steps``, comma-separated; all by default):
 * ``fidelity``: ``--queries`` queries x ``--docs`` documents (seeded random words, 20..120 words,
   seeded query words), scored by float32 (the reference) and each other dtype (``--fidelity-dtypes``,
   default bfloat16, int8 and int8-w8: int8 with 8-bit weights emulated in float32, what a VNNI or
-  AMX CPU computes, for a CPU whose own int8 products need 7-bit weights). Per dtype against float32: the largest and the 99th-percentile
-  |score difference| over all pairs, the mean and the lowest Kendall tau-b of a query's ranking,
+  AMX CPU computes, for a CPU whose own int8 products need 7-bit weights; ``PART_VARIANTS`` take
+  int8's error apart: weights only, activations only, clipped weight scales). Per dtype against float32: the largest and the 99th-percentile
+  |score difference| over all pairs, the mean signed difference (its score minus float32's: a
+  shift), the mean and the lowest Kendall tau-b of a query's ranking,
   and the top-3 agreement (share of each query's float32 top 3 that the dtype also puts in its top
   3, averaged over queries).
 * ``kernels``: one 0.6B MLP product (2048 rows, 1024 -> 3072) by each int8 kernel torch offers
@@ -137,6 +139,7 @@ def fidelity(reference: list[list[float]], other: list[list[float]], k: int = 3)
     taus = [kendall_tau_b(ref, oth) for ref, oth in zip(reference, other)]
     agreement = [len(top_k(ref, k) & top_k(oth, k)) / min(k, len(ref)) for ref, oth in zip(reference, other)]
     return {
+        "mean_diff": statistics.fmean(y - x for ref, oth in zip(reference, other) for x, y in zip(ref, oth)),
         "max_abs_diff": max(diffs),
         "p99_abs_diff": percentile(diffs, 99),
         "mean_kendall_tau": statistics.fmean(taus),
@@ -188,6 +191,67 @@ class EmulatedInt8Linear(torch.nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+# Where int8's error comes from: one part of its arithmetic at a time on the float32 engine.
+# "float32-w7"/"float32-w8": each weight replaced by its dequantized 7-/8-bit codes, activations
+# float; "float32-a8": each linear layer's input replaced by its dequantized per-token codes,
+# weights float. "int8-clip": the int8 engine with weight scales clipped (:func:`clipped_weight`).
+PART_VARIANTS = ("float32-w7", "float32-w8", "float32-a8", "int8-clip")
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6 of a channel's largest weight
+
+
+class ActivationQuantized(torch.nn.Module):
+    """A float linear layer whose input is first replaced by its dequantized per-token int8 codes."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scales = quantize_activation(x.reshape(-1, x.shape[-1]))
+        return self.linear(((codes.float() - CODE_OFFSET) * scales).to(x.dtype).reshape(x.shape))
+
+
+def clipped_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rerank_core.quantized.quantize_weight` with each channel's scale chosen among
+    :data:`CLIP_RATIOS` of its largest weight to minimise the channel's squared rounding error
+    (weights beyond the clip saturate)."""
+    w = weight.detach().float()
+    largest = w.abs().amax(dim=1).clamp_(min=1e-12)
+    best_error, best_scale = None, None
+    for ratio in CLIP_RATIOS:
+        scale = largest * ratio / weight_max
+        error = ((torch.round(w / scale[:, None]).clamp_(-weight_max, weight_max) * scale[:, None] - w) ** 2).sum(1)
+        if best_error is None:
+            best_error, best_scale = error, scale
+        else:
+            better = error < best_error
+            best_error, best_scale = torch.where(better, error, best_error), torch.where(better, scale, best_scale)
+    codes = torch.round(w / best_scale[:, None]).clamp_(-weight_max, weight_max).to(torch.int8)
+    return codes, best_scale
+
+
+def load_part_variant(checkpoint: Path, variant: str) -> Reranker:
+    """An engine of one of :data:`PART_VARIANTS`."""
+    import rerank_core.quantized as quantized_module
+
+    if variant == "int8-clip":
+        original = quantized_module.quantize_weight
+        quantized_module.quantize_weight = clipped_weight  # Int8Linear reads it at construction
+        try:
+            return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
+        finally:
+            quantized_module.quantize_weight = original
+    engine = Reranker.load(str(checkpoint), device="cpu", dtype="float32")
+    decoder = engine.scorer.backbone
+    for name, linear in [(n, m) for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)]:
+        if variant == "float32-a8":
+            _replace_submodule(decoder, name, ActivationQuantized(linear))
+        else:
+            codes, scales = quantize_weight(linear.weight, {"float32-w7": 63, "float32-w8": 127}[variant])
+            linear.weight.data = codes.float() * scales[:, None]
+    return engine
+
+
 class EagerQuantizeEngine:
     """An int8 engine whose calls quantize activations eagerly: the compiled quantization's
     before figure (``int8-eager-quantize``), alternated with ``int8`` in one process."""
@@ -207,6 +271,8 @@ class EagerQuantizeEngine:
 def load(checkpoint: Path, dtype: str):
     """An engine of ``dtype`` (a float or quantized dtype, ``int8-eager-quantize``, or a key of
     :data:`EMULATED_WEIGHT_MAX`)."""
+    if dtype in PART_VARIANTS:
+        return load_part_variant(checkpoint, dtype)
     if dtype == "int8-eager-quantize":
         return EagerQuantizeEngine(Reranker.load(str(checkpoint), device="cpu", dtype="int8"))
     if dtype not in EMULATED_WEIGHT_MAX:
@@ -377,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     parser.add_argument("--speed-dtypes", default="float32,int8")
     parser.add_argument("--fidelity-dtypes", default="bfloat16,int8,int8-w8",
-                        help=f"float or quantized dtypes, or the emulated {', '.join(EMULATED_WEIGHT_MAX)}")
+                        help=f"float or quantized dtypes, the emulated {', '.join(EMULATED_WEIGHT_MAX)}, "
+                        f"or one part of int8's error: {', '.join(PART_VARIANTS)}")
     parser.add_argument("--memory-dtypes", default="float32,int8")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the speed step")
     parser.add_argument("--speed-docs", type=int, default=16)
@@ -418,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fidelity" in steps:
         results["fidelity"] = fid = step_fidelity(checkpoint, args.fidelity_dtypes.split(","), args.queries, args.docs)
         for dtype, r in fid["dtypes"].items():
-            print(f"fidelity {dtype:9s} max {r['max_abs_diff']:.5f}  p99 {r['p99_abs_diff']:.5f}  "
+            print(f"fidelity {dtype:9s} shift {r['mean_diff']:+.4f}  max {r['max_abs_diff']:.5f}  p99 {r['p99_abs_diff']:.5f}  "
                   f"tau mean {r['mean_kendall_tau']:.4f} min {r['min_kendall_tau']:.4f}  "
                   f"top3 {r['top3_agreement']:.3f}  ({r['queries']} x {r['pairs'] // r['queries']})", flush=True)
     if "kernels" in steps:

@@ -31,6 +31,8 @@ def test_top_k_percentile_and_the_report():
     other = [[0.9, 0.7, 0.8, 0.1], [0.2, 0.4, 0.6, 0.8]]
     report = bench.fidelity(reference, other)
     assert report["max_abs_diff"] == pytest.approx(0.1)
+    assert report["mean_diff"] == pytest.approx(0.0)  # +0.1 and -0.1
+    assert bench.fidelity([[0.5, 0.4]], [[0.3, 0.3]])["mean_diff"] == pytest.approx(-0.15)
     assert report["mean_kendall_tau"] == pytest.approx((4 / 6 + 1) / 2)
     assert report["min_kendall_tau"] == pytest.approx(4 / 6)
     assert report["top3_agreement"] == 1.0  # the swap stays inside the top 3
@@ -95,3 +97,40 @@ def test_the_eager_quantize_variant_scores_as_int8_and_restores_the_compiled_pat
     assert eager_scores == int8.score(query, documents)  # the same codes either way: the same scores
     assert eager_calls > 0 and (len(calls) == 0) is HAS_COMPILER
     assert quantized_module.fused_quantize.failure == before
+
+
+def test_clipped_weight_scales_never_round_worse_than_the_largest_weights():
+    torch = pytest.importorskip("torch")
+    from rerank_core.quantized import quantize_weight
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    for weight_max in (63, 127):
+        codes, scales = bench.clipped_weight(weight, weight_max)
+        plain_codes, plain_scales = quantize_weight(weight, weight_max)
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) <= weight_max
+        error = ((codes.float() * scales[:, None] - weight) ** 2).sum(1)
+        plain = ((plain_codes.float() * plain_scales[:, None] - weight) ** 2).sum(1)
+        assert bool((error <= plain).all())  # ratio 1.0 is among the candidates
+    # At 7 bits, in some channels a scale a little below the largest weight rounds the rest finer
+    # for more than it costs the weight it saturates (at 8 bits, on these Gaussian weights, none).
+    codes, scales = bench.clipped_weight(weight, 63)
+    plain_codes, plain_scales = quantize_weight(weight, 63)
+    error = ((codes.float() * scales[:, None] - weight) ** 2).sum(1)
+    plain = ((plain_codes.float() * plain_scales[:, None] - weight) ** 2).sum(1)
+    assert int((error < plain).sum()) >= 4 and float(error.sum()) < float(plain.sum())
+
+
+def test_part_variants_quantize_only_their_part(tiny_checkpoint):
+    from rerank_core.quantized import quantized
+
+    checkpoint = ensure_bf16_copy(tiny_checkpoint)
+    query, documents = bench.fidelity_cases(1, 4)[0]
+    reference = bench.load(checkpoint, "float32").score(query, documents)
+    moved = {}
+    for variant in bench.PART_VARIANTS:
+        engine = bench.load(checkpoint, variant)
+        moved[variant] = max(abs(a - b) for a, b in zip(engine.score(query, documents), reference))
+        assert quantized(engine.scorer.backbone) is (variant == "int8-clip")
+    assert all(0 < d < 0.2 for d in moved.values()), moved
+    # 8-bit weights round half as coarsely as 7-bit ones.
+    assert moved["float32-w8"] < moved["float32-w7"]

@@ -135,11 +135,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def fidelity(reference: list[list[float]], other: list[list[float]], k: int = 3) -> dict:
     """How far ``other``'s scores and rankings are from ``reference``'s, per query lists of scores."""
-    diffs = [abs(x - y) for ref, oth in zip(reference, other, strict=True) for x, y in zip(ref, oth, strict=True)]
+    signed = [y - x for ref, oth in zip(reference, other, strict=True) for x, y in zip(ref, oth, strict=True)]
+    diffs = [abs(d) for d in signed]
     taus = [kendall_tau_b(ref, oth) for ref, oth in zip(reference, other)]
     agreement = [len(top_k(ref, k) & top_k(oth, k)) / min(k, len(ref)) for ref, oth in zip(reference, other)]
     return {
-        "mean_diff": statistics.fmean(y - x for ref, oth in zip(reference, other) for x, y in zip(ref, oth)),
+        "mean_diff": statistics.fmean(signed),
         "max_abs_diff": max(diffs),
         "p99_abs_diff": percentile(diffs, 99),
         "mean_kendall_tau": statistics.fmean(taus),
@@ -216,16 +217,13 @@ def clipped_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor,
     :data:`CLIP_RATIOS` of its largest weight to minimise the channel's squared rounding error
     (weights beyond the clip saturate)."""
     w = weight.detach().float()
-    largest = w.abs().amax(dim=1).clamp_(min=1e-12)
-    best_error, best_scale = None, None
+    _, largest_scale = quantize_weight(w, weight_max)  # ratio 1.0: the largest weight's scale
+    best_error, best_scale = torch.full_like(largest_scale, float("inf")), largest_scale
     for ratio in CLIP_RATIOS:
-        scale = largest * ratio / weight_max
+        scale = largest_scale * ratio
         error = ((torch.round(w / scale[:, None]).clamp_(-weight_max, weight_max) * scale[:, None] - w) ** 2).sum(1)
-        if best_error is None:
-            best_error, best_scale = error, scale
-        else:
-            better = error < best_error
-            best_error, best_scale = torch.where(better, error, best_error), torch.where(better, scale, best_scale)
+        better = error < best_error
+        best_error, best_scale = torch.where(better, error, best_error), torch.where(better, scale, best_scale)
     codes = torch.round(w / best_scale[:, None]).clamp_(-weight_max, weight_max).to(torch.int8)
     return codes, best_scale
 

@@ -1,4 +1,5 @@
-"""One-line descriptions of exceptions, for logs and for the failure reasons the engine reports."""
+"""One-line summaries of exceptions, for logs and for the failure reasons the engine reports
+(``rerank_cli.errors.one_line`` is another thing: a whole message with its whitespace collapsed)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from __future__ import annotations
 MAX_CHARS = 300
 
 
-def one_line(error: BaseException, max_chars: int = MAX_CHARS) -> str:
+def error_summary(error: BaseException, max_chars: int = MAX_CHARS) -> str:
     """``"TypeName: first line of the message"``, cut to ``max_chars`` characters of message.
 
     The first line only: inductor's errors carry the generated code after it, and the

@@ -43,7 +43,7 @@ import torch
 from torch.profiler import record_function
 
 from .config import QUANTIZED_DTYPES
-from .errors import one_line
+from .errors import error_summary
 from .invariant import _replace_submodule
 
 # Smallest scale: an all-zero row or channel quantizes to zeros instead of dividing by zero.
@@ -145,7 +145,7 @@ class _FusedQuantize:
                 return self.compiled(rows)
             except Exception as e:  # noqa: BLE001  (a missing compiler, an inductor bug: eager is exact too)
                 result = quantize_activation(rows)  # raises first if the input is what failed
-                self.failure = one_line(e)
+                self.failure = error_summary(e)
                 log.warning("int8: compiling the activation quantization failed (%s); it runs eagerly", self.failure)
                 return result
         return quantize_activation(rows)

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from .compiled import compile_layers, compiled, uncompile_layers
 from .config import EngineConfig
-from .errors import one_line
+from .errors import error_summary
 from .forward import PairScorer
 from .head import YesNoHead, answer_token_ids
 from .invariant import tile_linear_layers, untile_linear_layers
@@ -142,7 +142,7 @@ class Reranker:
             if not compile_:
                 raise
             uncompile_layers(decoder)
-            self.compiled_layers_failure = one_line(e)
+            self.compiled_layers_failure = error_summary(e)
             log.warning("compiling the decoder layers failed (%s); running them eagerly", self.compiled_layers_failure)
             self._probe_score = self.score(_PROBE[0], [_PROBE[1]])[0]
 

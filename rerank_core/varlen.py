@@ -65,7 +65,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .errors import one_line
+from .errors import error_summary
 from .packing import Segments
 from .quantized import compute_dtype
 
@@ -424,7 +424,7 @@ def self_check(packed, padded, encode, tolerance: float = SELF_CHECK_TOLERANCE, 
         encoded = [encode(query, list(documents)) for query, documents in PROBES]
         got = packed.score(encoded).scores
     except Exception as e:  # any failure of the packed path means: do not serve with it
-        return f"the packed pass raised {one_line(e)}"
+        return f"the packed pass raised {error_summary(e)}"
     want = padded.score(encoded).scores
     worst, where = 0.0, None
     for q, (row, expected) in enumerate(zip(got, want)):

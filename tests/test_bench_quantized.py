@@ -104,19 +104,20 @@ def test_clipped_weight_scales_never_round_worse_than_the_largest_weights():
     from rerank_core.quantized import quantize_weight
 
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+
+    def channel_errors(codes, scales):
+        return ((codes.float() * scales[:, None] - weight) ** 2).sum(1)
+
+    errors = {}
     for weight_max in (63, 127):
         codes, scales = bench.clipped_weight(weight, weight_max)
-        plain_codes, plain_scales = quantize_weight(weight, weight_max)
         assert codes.dtype == torch.int8 and int(codes.abs().max()) <= weight_max
-        error = ((codes.float() * scales[:, None] - weight) ** 2).sum(1)
-        plain = ((plain_codes.float() * plain_scales[:, None] - weight) ** 2).sum(1)
+        errors[weight_max] = channel_errors(codes, scales), channel_errors(*quantize_weight(weight, weight_max))
+        error, plain = errors[weight_max]
         assert bool((error <= plain).all())  # ratio 1.0 is among the candidates
     # At 7 bits, in some channels a scale a little below the largest weight rounds the rest finer
     # for more than it costs the weight it saturates (at 8 bits, on these Gaussian weights, none).
-    codes, scales = bench.clipped_weight(weight, 63)
-    plain_codes, plain_scales = quantize_weight(weight, 63)
-    error = ((codes.float() * scales[:, None] - weight) ** 2).sum(1)
-    plain = ((plain_codes.float() * plain_scales[:, None] - weight) ** 2).sum(1)
+    error, plain = errors[63]
     assert int((error < plain).sum()) >= 4 and float(error.sum()) < float(plain.sum())
 
 

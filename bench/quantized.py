@@ -30,7 +30,8 @@ Steps (``--steps``, comma-separated; all by default):
   seeded query words), scored by float32 (the reference) and each other dtype (``--fidelity-dtypes``,
   default bfloat16, int8 and int8-w8: int8 with 8-bit weights emulated in float32, what a VNNI or
   AMX CPU computes, for a CPU whose own int8 products need 7-bit weights; ``PART_VARIANTS`` take
-  int8's error apart: weights only, activations only, clipped weight scales). Per dtype against float32: the largest and the 99th-percentile
+  int8's error apart: weights only, activations only, clipped weight scales, int8 without its
+  bias correction). Per dtype against float32: the largest and the 99th-percentile
   |score difference| over all pairs, the mean signed difference (its score minus float32's: a
   shift), the mean and the lowest Kendall tau-b of a query's ranking,
   and the top-3 agreement (share of each query's float32 top 3 that the dtype also puts in its top
@@ -171,17 +172,15 @@ def fidelity_cases(queries: int, docs: int, seed: int = 7) -> list[tuple[str, li
 EMULATED_WEIGHT_MAX = {"int8-w8": 127, "int8-w7": 63}
 
 
-class EmulatedInt8Linear(torch.nn.Module):
-    """``s_x[r] * s_W * (q_x[r] @ q_W.T)`` (:class:`rerank_core.quantized.Int8Linear`'s contract)
-    with the codes multiplied in float32: integer sums, exact while they stay below 2^24, and
-    within float32 rounding beyond."""
+class EmulatedInt8Linear(Int8Linear):
+    """:class:`rerank_core.quantized.Int8Linear` (its codes, scales and bias correction) with the
+    codes multiplied in float32: integer sums, exact while they stay below 2^24, and within
+    float32 rounding beyond; so any weight width runs on any CPU."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_max: int):
-        super().__init__()
-        codes, self.weight_scale = quantize_weight(linear.weight, weight_max)
-        self.codes = codes.float().t().contiguous()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+    def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True, input_means=None):
+        super().__init__(linear, weight_max, True, input_means)
+        self.codes = self.weight_codes.float().t().contiguous()
+        self.weight_codes = self.weight_packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scales = quantize_activation(x.reshape(-1, self.in_features))
@@ -192,11 +191,26 @@ class EmulatedInt8Linear(torch.nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def load_emulated(checkpoint: Path, weight_max: int) -> Reranker:
+    """The int8 engine (bias correction included) with ``weight_max``-wide weights and
+    :class:`EmulatedInt8Linear` products."""
+    import rerank_core.quantized as quantized_module
+
+    saved = quantized_module.int8_weight_max, quantized_module.Int8Linear
+    quantized_module.int8_weight_max = lambda: weight_max
+    quantized_module.Int8Linear = EmulatedInt8Linear  # what quantize_int8 builds
+    try:
+        return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
+    finally:
+        quantized_module.int8_weight_max, quantized_module.Int8Linear = saved
+
+
 # Where int8's error comes from: one part of its arithmetic at a time on the float32 engine.
 # "float32-w7"/"float32-w8": each weight replaced by its dequantized 7-/8-bit codes, activations
 # float; "float32-a8": each linear layer's input replaced by its dequantized per-token codes,
 # weights float. "int8-clip": the int8 engine with weight scales clipped (:func:`clipped_weight`).
-PART_VARIANTS = ("float32-w7", "float32-w8", "float32-a8", "int8-clip")
+# "int8-uncorrected": the int8 engine without its bias correction (rerank_core.quantized).
+PART_VARIANTS = ("float32-w7", "float32-w8", "float32-a8", "int8-clip", "int8-uncorrected")
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6 of a channel's largest weight
 
 
@@ -231,7 +245,16 @@ def clipped_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor,
 def load_part_variant(checkpoint: Path, variant: str) -> Reranker:
     """An engine of one of :data:`PART_VARIANTS`."""
     import rerank_core.quantized as quantized_module
+    import rerank_core.reranker as reranker_module
 
+    if variant == "int8-uncorrected":
+        original = reranker_module.quantize_decoder
+        reranker_module.quantize_decoder = lambda decoder, quantization, device, tokenizer=None: original(
+            decoder, quantization, device)  # no tokenizer: no calibration pass
+        try:
+            return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
+        finally:
+            reranker_module.quantize_decoder = original
     if variant == "int8-clip":
         original = quantized_module.quantize_weight
         quantized_module.quantize_weight = clipped_weight  # Int8Linear reads it at construction
@@ -275,11 +298,7 @@ def load(checkpoint: Path, dtype: str):
         return EagerQuantizeEngine(Reranker.load(str(checkpoint), device="cpu", dtype="int8"))
     if dtype not in EMULATED_WEIGHT_MAX:
         return Reranker.load(str(checkpoint), device="cpu", dtype=dtype)
-    engine = Reranker.load(str(checkpoint), device="cpu", dtype="float32")
-    decoder = engine.scorer.backbone
-    for name, linear in [(n, m) for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)]:
-        _replace_submodule(decoder, name, EmulatedInt8Linear(linear, EMULATED_WEIGHT_MAX[dtype]))
-    return engine
+    return load_emulated(checkpoint, EMULATED_WEIGHT_MAX[dtype])
 
 
 def step_speed(checkpoint: Path, dtypes: list[str], rounds: int, docs: int) -> dict:

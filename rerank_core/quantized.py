@@ -14,6 +14,17 @@ Because the sums are exact int32 sums, a row's output depends on its own inputs 
 else shares the product: these layers are batch-invariant as they are, without tiles. The
 activations' quantization runs compiled (:class:`_FusedQuantize`: the same codes, fused).
 
+Rounding errors are zero-mean per weight but fixed per model, and Qwen3's layer inputs share a
+large common component (the prompt template's tokens, and the mean of the residual stream), so a
+layer's error has a constant part, and the parts add up to a shift of the scores: without
+correction, the int8 scores of the benchmark's cases all moved the same way (docs/quantized.md). The engine removes it with
+empirical bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and
+Bias Correction", 2019), applied in the order the layers run: at load, a few template prompts
+(:data:`CALIBRATION_PAIRS`; :func:`quantize_int8` with ``calibration``) measure each linear
+layer's mean input ``E[x]`` in the float model and its mean dequantized input ``E[x^]`` in the
+model quantized up to it, and the layer adds ``W E[x] - W^ E[x^]`` (``W^``: the dequantized
+weight) as a bias: over those prompts, each int8 layer then has its float layer's mean output.
+
 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply int8 with ``vpmaddubsw``, which adds
 pairs of products into 16 bits and saturates: with full-range (8-bit) weights a product can come
 out wrong by a large amount (measured on an AMD EPYC: 45 % of outputs off by more than 0.05). Such
@@ -45,6 +56,7 @@ from torch.profiler import record_function
 from .config import QUANTIZED_DTYPES
 from .errors import error_summary
 from .invariant import _replace_submodule
+from .prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, body_text
 
 # Smallest scale: an all-zero row or channel quantizes to zeros instead of dividing by zero.
 _TINY = 1e-12
@@ -211,9 +223,13 @@ class Int8Linear(torch.nn.Module):
         keep_codes: also keep the plain codes (``weight_codes``) that :func:`int8_reference`
             reads; off in the engine, where only the reordered copy is needed (it would double
             the int8 weights' memory).
+        input_means: ``(E[x], E[x^])``, the layer's mean input and mean dequantized input
+            (:func:`quantize_activation`) over calibration tokens: ``b`` then also holds the
+            bias correction ``W E[x] - W^ E[x^]`` (module docstring). None: no correction.
     """
 
-    def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True):
+    def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True,
+                 input_means: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -223,7 +239,15 @@ class Int8Linear(torch.nn.Module):
         self.weight_codes = codes if keep_codes else None
         self.weight_packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        if input_means is not None:
+            # Matrix-vector products in float32 (relative error ~1e-6 of terms whose difference
+            # is ~1e-2 of them); float64 copies of the weight would be the load's largest
+            # transients.
+            mean_x, mean_dequantized = (m.float() for m in input_means)
+            correction = linear.weight.detach().float() @ mean_x - (codes.float() @ mean_dequantized) * self.weight_scale
+            bias = correction if bias is None else bias + correction
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Labelled for torch.profiler (bench/quantized.py's breakdown step); a label costs a few
@@ -258,19 +282,130 @@ def int8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
-def quantize_int8(module: torch.nn.Module, keep_codes: bool = False) -> int:
+def quantize_int8(module: torch.nn.Module, keep_codes: bool = False, calibration: dict | None = None) -> int:
     """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place
     (``keep_codes``: see :class:`Int8Linear`).
+
+    Args:
+        calibration: a padded batch (``input_ids``, ``attention_mask``; :func:`calibration_batch`)
+            that ``module``, a decoder with ``layers``, runs twice to measure the bias
+            correction of each layer's linear layers (module docstring). The passes compute in
+            float32 with at most one decoder layer's float32 copy at a time (the first pass)
+            or one linear layer's (the second); the quantized layers' norms stay float32
+            (exact copies of the loaded ones). None: no correction.
 
     Returns:
         the number of layers replaced.
     """
     weight_max = int8_weight_max()
+    if calibration is not None:
+        _quantize_calibrated(module, weight_max, keep_codes, calibration)
     # Names, not modules: each float layer is freed as soon as it is replaced.
     names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
     for name in names:
         _replace_submodule(module, name, Int8Linear(module.get_submodule(name), weight_max, keep_codes))
-    return len(names)
+    return sum(isinstance(m, Int8Linear) for m in module.modules())
+
+
+# Pairs for int8's bias correction: the official template around short texts of several languages
+# and kinds (prose, code, a table row, a question). Means of layer inputs over them are mostly the
+# template's and the residual stream's common part, which every real request shares.
+CALIBRATION_PAIRS: tuple[tuple[str, str], ...] = (
+    ("how do solar panels work", "Photovoltaic cells turn sunlight into direct current, which an inverter converts."),
+    ("best time to visit kyoto", "Spring brings cherry blossoms; autumn maples draw crowds in November."),
+    ("python read csv file", "import csv\nwith open('data.csv') as f:\n    rows = list(csv.reader(f))"),
+    ("symptoms of dehydration", "Thirst, dark urine, dizziness and fatigue are common early signs."),
+    ("北京的人口是多少", "北京市常住人口约为两千一百万人。"),
+    ("quelle est la capitale du Canada", "Ottawa est la capitale fédérale du Canada, en Ontario."),
+    ("GDP of Germany 2023", "| country | year | GDP (USD tn) |\n| Germany | 2023 | 4.46 |"),
+    ("is coffee bad for you", "Moderate coffee intake is not linked to harm in most adults."),
+)
+
+
+def calibration_batch(tokenizer) -> dict:
+    """:data:`CALIBRATION_PAIRS` in the official template, as one right-padded batch of token ids
+    (``input_ids``, ``attention_mask``) for :func:`quantize_int8`'s ``calibration``."""
+    texts = [PREFIX + body_text(query, document, DEFAULT_INSTRUCTION) + SUFFIX for query, document in CALIBRATION_PAIRS]
+    return dict(tokenizer(texts, padding=True, padding_side="right", return_tensors="pt"))
+
+
+def _to_float32(value):
+    """``value`` with every floating tensor in it (nested in tuples and lists) cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+@torch.inference_mode()
+def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: bool, batch: dict) -> None:
+    """:func:`quantize_int8`'s calibrated passes: each linear layer of ``decoder.layers``
+    replaced by a bias-corrected :class:`Int8Linear`.
+
+    Two passes over ``batch``, each decoder layer computing in float32 (cast as a pass reaches
+    it). The first, all float, measures each linear layer's mean input ``E[x]``. The second
+    quantizes in the order the layers run: each linear layer is replaced as soon as it has run,
+    its mean dequantized input ``E[x^]`` measured on inputs that the int8 layers before it
+    produced, and its int8 output goes on instead of its float one. So each correction also
+    takes out the mean drift that the int8 layers before it left in its inputs, not just its own
+    rounding, and over the calibration tokens every int8 layer has its float layer's mean output.
+    """
+    mask = batch["attention_mask"].bool()
+    names = {module: name for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
+    float_means: dict[torch.nn.Module, torch.Tensor] = {}
+    loaded: dict[torch.nn.Parameter, torch.Tensor] = {}  # a float layer's tensors as loaded
+
+    def measure(linear, args):
+        float_means[linear] = args[0][mask].double().mean(0)  # real tokens only: padding left out
+
+    def quantize(linear, args, output):
+        codes, scales = quantize_activation(args[0][mask])
+        dequantized_mean = ((codes.double() - CODE_OFFSET) * scales.double()).mean(0)
+        layer = Int8Linear(linear, weight_max, keep_codes, (float_means.pop(linear), dequantized_mean))
+        # Popped: the float layer (float32 by now) is freed once replaced.
+        _replace_submodule(decoder, names.pop(linear), layer)
+        return layer(args[0])
+
+    def enter(layer, args, kwargs):
+        # Its norms for good; each linear layer as it runs (to_float32), so that one float32
+        # weight at a time exists.
+        for module in layer.modules():
+            if not isinstance(module, torch.nn.Linear):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.float()
+        return _to_float32(args), _to_float32(kwargs)
+
+    def to_float32(linear, args):
+        linear.float()
+
+    def enter_float(layer, args, kwargs):
+        for param in layer.parameters():
+            loaded[param], param.data = param.data, param.data.float()
+        return _to_float32(args), _to_float32(kwargs)
+
+    def leave_float(layer, args, kwargs, output):
+        # The loaded tensors themselves put back (not a new cast: they may be mapped from the
+        # checkpoint's file, and a copy would hold the layer twice): one float32 layer at a time.
+        for param in layer.parameters():
+            param.data = loaded.pop(param)
+
+    def run(hook_linear, enter_layer, leave_layer=None) -> None:
+        handles = [handle for linear in list(names) for handle in hook_linear(linear)]
+        for layer in decoder.layers:
+            handles.append(layer.register_forward_pre_hook(enter_layer, with_kwargs=True))
+            if leave_layer is not None:
+                handles.append(layer.register_forward_hook(leave_layer, with_kwargs=True))
+        try:
+            # Embeddings passed in float32, so that the rotary tables are computed in float32 too.
+            embeddings = decoder.get_input_embeddings()(batch["input_ids"]).float()
+            decoder(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    run(lambda linear: [linear.register_forward_pre_hook(measure)], enter_float, leave_float)
+    run(lambda linear: [linear.register_forward_pre_hook(to_float32), linear.register_forward_hook(quantize)], enter)
 
 
 def quantize_fp8(module: torch.nn.Module) -> int:
@@ -290,15 +425,16 @@ def quantize_fp8(module: torch.nn.Module) -> int:
     return count
 
 
-def quantize_decoder(decoder: torch.nn.Module, quantization: str, device: torch.device) -> int:
-    """Quantize the decoder's linear layers for ``quantization`` on ``device``, in place.
+def quantize_decoder(decoder: torch.nn.Module, quantization: str, device: torch.device, tokenizer=None) -> int:
+    """Quantize the decoder's linear layers for ``quantization`` on ``device``, in place; int8
+    with bias correction where ``tokenizer`` is given (:func:`calibration_batch`).
 
     Raises:
         QuantizedDtypeError: see :func:`check_device`.
     """
     check_device(quantization, device)
     if quantization == "int8":
-        return quantize_int8(decoder)
+        return quantize_int8(decoder, calibration=None if tokenizer is None else calibration_batch(tokenizer))
     return quantize_fp8(decoder)
 
 

@@ -86,7 +86,7 @@ class Reranker:
         if config.quantization and not quantized(model.get_decoder()):
             # Quantized once, here, from the weights as loaded (bf16 from Reranker.load, as released);
             # the layers left in float then take the compute dtype, the embedding tables excepted.
-            quantize_decoder(model.get_decoder(), config.quantization, device)
+            quantize_decoder(model.get_decoder(), config.quantization, device, tokenizer)
             cast_around_embeddings(model, config.torch_dtype())
         dtype = compute_dtype(model.get_decoder())
         head = YesNoHead(model.get_output_embeddings().weight, yes_id, no_id).to(device)

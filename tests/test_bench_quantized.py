@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -49,16 +50,28 @@ def test_fidelity_step_on_the_tiny_checkpoint(tiny_checkpoint):
 def test_the_int8_emulation_at_this_cpus_weight_width_reproduces_the_int8_engine(tiny_checkpoint):
     # The emulated int8-w8 figures stand for a CPU with 8-bit weights only if the emulation
     # computes what the engine computes: checked here at the width this CPU's engine uses.
-    from rerank_core.quantized import int8_weight_max
+    from rerank_core.quantized import Int8Linear, int8_weight_max
 
     width = {127: "int8-w8", 63: "int8-w7"}[int8_weight_max()]
+    # Layer by layer, from the same weights and calibration means: the same outputs.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 3072, bias=False)
+    means = (torch.randn(1024), torch.randn(1024))
+    x = torch.randn(37, 1024)
+    engine_layer = Int8Linear(linear, int8_weight_max(), input_means=means)
+    emulated_layer = bench.EmulatedInt8Linear(linear, int8_weight_max(), input_means=means)
+    assert (emulated_layer(x) - engine_layer(x)).abs().max() <= 1e-5 * engine_layer(x).abs().max()
+    # Whole engines: each measures its own bias correction, whose means over the calibration
+    # tokens shift where a float rounding moves an activation across a quantization step
+    # (~1e-3 of a mean on the tiny model); so the scores agree to that sensitivity, not to 1e-5.
     cases = bench.fidelity_cases(2, 4)
     # bf16 files, as released: the int8 engine quantizes the weights as loaded in bf16, the
     # emulation as stored, which agree only for bf16 files (bench/quantized.py's default).
     checkpoint = ensure_bf16_copy(tiny_checkpoint)
     engine, emulated = bench.load(checkpoint, "int8"), bench.load(checkpoint, width)
     for query, documents in cases:
-        assert emulated.score(query, documents) == pytest.approx(engine.score(query, documents), abs=1e-5)
+        assert emulated.score(query, documents) == pytest.approx(engine.score(query, documents), abs=0.02)
+    assert all(isinstance(m, bench.EmulatedInt8Linear) for m in emulated.scorer.backbone.modules() if isinstance(m, Int8Linear))
     # The other width is a different model: its scores move.
     other = bench.load(checkpoint, "int8-w7" if width == "int8-w8" else "int8-w8")
     query, documents = cases[0]
@@ -131,7 +144,7 @@ def test_part_variants_quantize_only_their_part(tiny_checkpoint):
     for variant in bench.PART_VARIANTS:
         engine = bench.load(checkpoint, variant)
         moved[variant] = max(abs(a - b) for a, b in zip(engine.score(query, documents), reference))
-        assert quantized(engine.scorer.backbone) is (variant == "int8-clip")
+        assert quantized(engine.scorer.backbone) is variant.startswith("int8")
     assert all(0 < d < 0.2 for d in moved.values()), moved
     # 8-bit weights round half as coarsely as 7-bit ones.
     assert moved["float32-w8"] < moved["float32-w7"]

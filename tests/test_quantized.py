@@ -13,6 +13,7 @@ from rerank_core.quantized import (
     Int8Linear,
     QuantizedDtypeError,
     _FusedQuantize,
+    calibration_batch,
     check_device,
     compute_dtype,
     fused_quantize,
@@ -136,6 +137,65 @@ def test_int8_linear_rows_do_not_depend_on_their_neighbours():
     assert torch.equal(layer(x[100:140]), together[100:140])
 
 
+def test_bias_correction_removes_the_mean_output_error_over_its_inputs():
+    """Inputs sharing a large common part (as Qwen3's do) turn fixed rounding errors into a
+    constant output error; the correction measured on those inputs removes its mean."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(1024, 256, bias=True)
+    x = 3 * torch.randn(1024) + torch.randn(400, 1024)  # a common vector plus per-token variation
+    codes, scales = quantize_activation(x)
+    means = (x.double().mean(0), ((codes.double() - CODE_OFFSET) * scales.double()).mean(0))
+    plain = Int8Linear(linear, int8_weight_max())
+    corrected = Int8Linear(linear, int8_weight_max(), input_means=means)
+    expected = linear(x).double()
+    plain_shift = (plain(x).double() - expected).mean(0)
+    corrected_shift = (corrected(x).double() - expected).mean(0)
+    assert plain_shift.abs().max() > 100 * corrected_shift.abs().max()
+    assert corrected_shift.abs().max() < 1e-5
+    # The correction is a bias, so the layer is still the integer product it promises.
+    assert (corrected(x).double() - int8_reference(corrected, x)).abs().max() <= 1e-5 * expected.abs().max()
+    dequantized_weight = corrected.weight_codes.double() * corrected.weight_scale.double()[:, None]
+    correction = linear.weight.double() @ means[0] - dequantized_weight @ means[1]
+    assert torch.allclose(corrected.bias.double() - plain.bias.double(), correction, atol=1e-5)
+
+
+def test_calibrated_layers_reproduce_the_float_models_mean_outputs_on_the_calibration_tokens(tiny_checkpoint):
+    """quantize_int8's correction, layer after layer: over the calibration batch's real tokens
+    (padding left out), every int8 layer has its float layer's mean output in the float model,
+    whatever drift the int8 layers before it left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    batch = calibration_batch(tokenizer)
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1 and batch["input_ids"].shape[1] == lengths.max()  # right-padded
+    mask = batch["attention_mask"].bool()
+
+    def mean_outputs(decoder, kind) -> dict[str, torch.Tensor]:
+        means = {}
+        for name, module in decoder.named_modules():
+            if isinstance(module, kind):
+                module.register_forward_hook(lambda m, args, out, name=name: means.__setitem__(name, out[mask].double().mean(0)))
+        with torch.inference_mode():
+            decoder(inputs_embeds=decoder.get_input_embeddings()(batch["input_ids"]).float(),
+                    attention_mask=batch["attention_mask"])
+        return means
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).get_decoder()  # noqa: E731
+    expected = mean_outputs(load().float(), torch.nn.Linear)
+    decoder = load()
+    assert quantize_int8(decoder, calibration=batch) == 7 * decoder.config.num_hidden_layers
+    got = mean_outputs(decoder.float(), Int8Linear)
+    plain = load()
+    quantize_int8(plain)
+    uncorrected = mean_outputs(plain.float(), Int8Linear)
+    assert set(got) == set(expected)
+    for name in got:
+        assert (got[name] - expected[name]).abs().max() <= 1e-5 * expected[name].abs().max(), name
+        # Without the correction the mean outputs are off by far more than float rounding.
+        assert (uncorrected[name] - expected[name]).abs().max() > 1e-3 * expected[name].abs().max(), name
+
+
 def test_int8_linear_keeps_a_bf16_input_in_bf16():
     layer = Int8Linear(torch.nn.Linear(64, 32, bias=False), int8_weight_max())
     x = torch.randn(4, 64, dtype=torch.bfloat16)
@@ -158,9 +218,10 @@ def int8_official(tiny_checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
-    quantize_int8(model.get_decoder())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, padding_side="left")
+    quantize_int8(model.get_decoder(), calibration=calibration_batch(tokenizer))
     model.float().eval()
-    return model, AutoTokenizer.from_pretrained(tiny_checkpoint, padding_side="left")
+    return model, tokenizer
 
 
 def test_int8_engine_quantizes_the_decoders_linear_layers_only(int8_engine):

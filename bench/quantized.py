@@ -58,6 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -196,13 +197,10 @@ def load_emulated(checkpoint: Path, weight_max: int) -> Reranker:
     :class:`EmulatedInt8Linear` products."""
     import rerank_core.quantized as quantized_module
 
-    saved = quantized_module.int8_weight_max, quantized_module.Int8Linear
-    quantized_module.int8_weight_max = lambda: weight_max
-    quantized_module.Int8Linear = EmulatedInt8Linear  # what quantize_int8 builds
-    try:
+    # quantize_int8 reads both names from its module when it builds the layers.
+    with mock.patch.object(quantized_module, "int8_weight_max", lambda: weight_max), \
+            mock.patch.object(quantized_module, "Int8Linear", EmulatedInt8Linear):
         return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
-    finally:
-        quantized_module.int8_weight_max, quantized_module.Int8Linear = saved
 
 
 # Where int8's error comes from: one part of its arithmetic at a time on the float32 engine.
@@ -245,23 +243,14 @@ def clipped_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor,
 def load_part_variant(checkpoint: Path, variant: str) -> Reranker:
     """An engine of one of :data:`PART_VARIANTS`."""
     import rerank_core.quantized as quantized_module
-    import rerank_core.reranker as reranker_module
 
-    if variant == "int8-uncorrected":
-        original = reranker_module.quantize_decoder
-        reranker_module.quantize_decoder = lambda decoder, quantization, device, tokenizer=None: original(
-            decoder, quantization, device)  # no tokenizer: no calibration pass
-        try:
+    if variant in ("int8-uncorrected", "int8-clip"):
+        # No calibration batch: no bias correction; clipped_weight: Int8Linear reads
+        # quantize_weight from its module at construction.
+        name, replacement = {"int8-uncorrected": ("calibration_batch", lambda tokenizer: None),
+                             "int8-clip": ("quantize_weight", clipped_weight)}[variant]
+        with mock.patch.object(quantized_module, name, replacement):
             return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
-        finally:
-            reranker_module.quantize_decoder = original
-    if variant == "int8-clip":
-        original = quantized_module.quantize_weight
-        quantized_module.quantize_weight = clipped_weight  # Int8Linear reads it at construction
-        try:
-            return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
-        finally:
-            quantized_module.quantize_weight = original
     engine = Reranker.load(str(checkpoint), device="cpu", dtype="float32")
     decoder = engine.scorer.backbone
     for name, linear in [(n, m) for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)]:

@@ -17,9 +17,10 @@ activations' quantization runs compiled (:class:`_FusedQuantize`: the same codes
 Rounding errors are zero-mean per weight but fixed per model, and Qwen3's layer inputs share a
 large common component (the prompt template's tokens, and the mean of the residual stream), so a
 layer's error has a constant part, and the parts add up to a shift of the scores: without
-correction, the int8 scores of the benchmark's cases all moved the same way (docs/quantized.md). The engine removes it with
-empirical bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and
-Bias Correction", 2019), applied in the order the layers run: at load, a few template prompts
+correction, the int8 scores of the benchmark's cases all moved the same way (docs/quantized.md).
+The engine removes it with empirical bias correction (Nagel et al., "Data-Free Quantization
+Through Weight Equalization and Bias Correction", 2019), applied in the order the layers run: at
+load, a few template prompts
 (:data:`CALIBRATION_PAIRS`; :func:`quantize_int8` with ``calibration``) measure each linear
 layer's mean input ``E[x]`` in the float model and its mean dequantized input ``E[x^]`` in the
 model quantized up to it, and the layer adds ``W E[x] - W^ E[x^]`` (``W^``: the dequantized

@@ -84,6 +84,7 @@ from rerank_core.invariant import _replace_submodule  # noqa: E402
 from rerank_core.quantized import (  # noqa: E402
     CODE_OFFSET,
     Int8Linear,
+    dequantize_activation,
     fused_quantize,
     int8_weight_max,
     quantize_activation,
@@ -221,7 +222,7 @@ class ActivationQuantized(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scales = quantize_activation(x.reshape(-1, x.shape[-1]))
-        return self.linear(((codes.float() - CODE_OFFSET) * scales).to(x.dtype).reshape(x.shape))
+        return self.linear(dequantize_activation(codes, scales, x.dtype).reshape(x.shape))
 
 
 def clipped_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,6 +137,12 @@ def quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return codes.clamp_(CODE_OFFSET - ACTIVATION_MAX, CODE_OFFSET + ACTIVATION_MAX).to(torch.uint8), scales
 
 
+def dequantize_activation(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The activation that :func:`quantize_activation`'s ``codes`` and ``scales`` stand for,
+    ``scale * (codes - CODE_OFFSET)``, computed in ``dtype``."""
+    return (codes.to(dtype) - CODE_OFFSET) * scales.to(dtype)
+
+
 class _FusedQuantize:
     """:func:`quantize_activation` compiled by inductor (``dynamic=True``: one graph for every
     row count), its eight element-wise steps fused into two loops, the row maxima then the codes.
@@ -277,7 +283,7 @@ def int8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
         raise ValueError("int8_reference needs an Int8Linear built with keep_codes=True")
     rows = x.reshape(-1, layer.in_features)
     codes, scales = quantize_activation(rows)
-    out = ((codes.double() - CODE_OFFSET) @ layer.weight_codes.double().t()) * scales.double() * layer.weight_scale.double()
+    out = (dequantize_activation(codes, scales) @ layer.weight_codes.double().t()) * layer.weight_scale.double()
     if layer.bias is not None:
         out = out + layer.bias.double()
     return out.reshape(*x.shape[:-1], layer.out_features)
@@ -362,7 +368,7 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
 
     def quantize(linear, args, output):
         codes, scales = quantize_activation(args[0][mask])
-        dequantized_mean = ((codes.double() - CODE_OFFSET) * scales.double()).mean(0)
+        dequantized_mean = dequantize_activation(codes, scales).mean(0)
         layer = Int8Linear(linear, weight_max, keep_codes, (float_means.pop(linear), dequantized_mean))
         # Popped: the float layer (float32 by now) is freed once replaced.
         _replace_submodule(decoder, names.pop(linear), layer)

@@ -16,6 +16,7 @@ from rerank_core.quantized import (
     calibration_batch,
     check_device,
     compute_dtype,
+    dequantize_activation,
     fused_quantize,
     int8_reference,
     int8_weight_max,
@@ -144,7 +145,7 @@ def test_bias_correction_removes_the_mean_output_error_over_its_inputs():
     linear = torch.nn.Linear(1024, 256, bias=True)
     x = 3 * torch.randn(1024) + torch.randn(400, 1024)  # a common vector plus per-token variation
     codes, scales = quantize_activation(x)
-    means = (x.double().mean(0), ((codes.double() - CODE_OFFSET) * scales.double()).mean(0))
+    means = (x.double().mean(0), dequantize_activation(codes, scales).mean(0))
     plain = Int8Linear(linear, int8_weight_max())
     corrected = Int8Linear(linear, int8_weight_max(), input_means=means)
     expected = linear(x).double()

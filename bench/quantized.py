@@ -31,7 +31,7 @@ Steps (``--steps``, comma-separated; all by default):
   default bfloat16, int8 and int8-w8: int8 with 8-bit weights emulated in float32, what a VNNI or
   AMX CPU computes, for a CPU whose own int8 products need 7-bit weights; ``PART_VARIANTS`` take
   int8's error apart: weights only, activations only, clipped weight scales, int8 without its
-  bias correction). Per dtype against float32: the largest and the 99th-percentile
+  calibration, int8 with its bias correction but nearest rounding instead of GPTQ's). Per dtype against float32: the largest and the 99th-percentile
   |score difference| over all pairs, the mean signed difference (its score minus float32's: a
   shift), the mean and the lowest Kendall tau-b of a query's ranking,
   and the top-3 agreement (share of each query's float32 top 3 that the dtype also puts in its top
@@ -179,8 +179,9 @@ class EmulatedInt8Linear(Int8Linear):
     codes multiplied in float32: integer sums, exact while they stay below 2^24, and within
     float32 rounding beyond; so any weight width runs on any CPU."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True, input_means=None):
-        super().__init__(linear, weight_max, True, input_means)
+    def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True, input_means=None,
+                 weight=None):
+        super().__init__(linear, weight_max, True, input_means, weight)
         self.codes = self.weight_codes.float().t().contiguous()
         self.weight_codes = self.weight_packed = None
 
@@ -208,8 +209,10 @@ def load_emulated(checkpoint: Path, weight_max: int) -> Reranker:
 # "float32-w7"/"float32-w8": each weight replaced by its dequantized 7-/8-bit codes, activations
 # float; "float32-a8": each linear layer's input replaced by its dequantized per-token codes,
 # weights float. "int8-clip": the int8 engine with weight scales clipped (:func:`clipped_weight`).
-# "int8-uncorrected": the int8 engine without its bias correction (rerank_core.quantized).
-PART_VARIANTS = ("float32-w7", "float32-w8", "float32-a8", "int8-clip", "int8-uncorrected")
+# "int8-uncorrected": the int8 engine without its calibration (weights rounded to the nearest
+# code, no bias correction); "int8-nearest": with the bias correction but nearest rounding, not
+# GPTQ's (rerank_core.quantized).
+PART_VARIANTS = ("float32-w7", "float32-w8", "float32-a8", "int8-clip", "int8-uncorrected", "int8-nearest")
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6 of a channel's largest weight
 
 
@@ -245,12 +248,17 @@ def load_part_variant(checkpoint: Path, variant: str) -> Reranker:
     """An engine of one of :data:`PART_VARIANTS`."""
     import rerank_core.quantized as quantized_module
 
-    if variant in ("int8-uncorrected", "int8-clip"):
-        # No calibration batch: no bias correction; clipped_weight: Int8Linear reads
-        # quantize_weight from its module at construction.
-        name, replacement = {"int8-uncorrected": ("calibration_batch", lambda tokenizer: None),
-                             "int8-clip": ("quantize_weight", clipped_weight)}[variant]
-        with mock.patch.object(quantized_module, name, replacement):
+    if variant in ("int8-uncorrected", "int8-clip", "int8-nearest"):
+        # No calibration batch: nearest rounding, no bias correction; clipped_weight: Int8Linear
+        # reads quantize_weight from its module at construction (uncalibrated, as int8-clip was
+        # measured); nearest: the calibrated pass's GPTQ step replaced by quantize_weight.
+        replacements = {
+            "int8-uncorrected": {"calibration_batch": lambda tokenizer: None},
+            "int8-clip": {"calibration_batch": lambda tokenizer: None, "quantize_weight": clipped_weight},
+            "int8-nearest": {"gptq_factor": lambda inputs, damping=None: None,
+                             "gptq_weight": lambda weight, factor, weight_max: quantize_weight(weight, weight_max)},
+        }[variant]
+        with mock.patch.multiple(quantized_module, **replacements):
             return Reranker.load(str(checkpoint), device="cpu", dtype="int8")
     engine = Reranker.load(str(checkpoint), device="cpu", dtype="float32")
     decoder = engine.scorer.backbone

@@ -25,6 +25,11 @@ load, a few template prompts
 layer's mean input ``E[x]`` in the float model and its mean dequantized input ``E[x^]`` in the
 model quantized up to it, and the layer adds ``W E[x] - W^ E[x^]`` (``W^``: the dequantized
 weight) as a bias: over those prompts, each int8 layer then has its float layer's mean output.
+The same pass rounds each layer's weights by GPTQ (:func:`gptq_weight`; Frantar et al. 2023) on
+the inputs it sees there, rather than to the nearest code: each rounding error is compensated by
+the weights of the input columns not yet rounded, so that the layer's outputs, not its weights,
+stay close to the float ones. With 7-bit weights (below), GPTQ took the benchmark's largest score
+difference from 0.180 (bias correction alone) to 0.107 (docs/benchmarks.md).
 
 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply int8 with ``vpmaddubsw``, which adds
 pairs of products into 16 bits and saturates: with full-range (8-bit) weights a product can come
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -65,6 +71,12 @@ _TINY = 1e-12
 ACTIVATION_MAX = 127
 # Activation codes are stored as uint8, offset by this (see quantize_activation).
 CODE_OFFSET = 128
+
+# GPTQ's damping, as a share of the Hessian's mean diagonal: a few thousand calibration tokens
+# leave a 3,072-wide Hessian poorly conditioned, and damping keeps the rounding from fitting those
+# tokens alone (on the benchmark's cases 0.1 moved scores less than GPTQ's usual 0.01, and as
+# little as 0.3: docs/benchmarks.md).
+GPTQ_DAMPING = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +133,64 @@ def quantize_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor
     scales = weight.abs().amax(dim=1).clamp_(min=_TINY).div_(weight_max)
     codes = torch.round(weight / scales[:, None]).clamp_(-weight_max, weight_max).to(torch.int8)
     return codes, scales
+
+
+class GptqFactor(NamedTuple):
+    """What GPTQ needs of a layer's inputs (:func:`gptq_factor`), shared by the layers that read
+    the same inputs (q/k/v; gate/up)."""
+
+    order: torch.Tensor  # input columns, largest energy first
+    inverse: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian, in that order
+    dead: torch.Tensor  # columns no input ever used (their weights cannot matter)
+
+
+def gptq_factor(inputs: torch.Tensor, damping: float = GPTQ_DAMPING) -> GptqFactor:
+    """The factor of ``inputs`` (``(n, in)`` rows) that :func:`gptq_weight` rounds with; the
+    Hessian ``X^T X`` is damped by ``damping`` times its mean diagonal (a few hundred calibration
+    tokens leave it singular, and damping keeps the rounding from fitting those tokens alone)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    hessian = x.t() @ x
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    hessian = hessian[order][:, order]
+    hessian.diagonal().add_(damping * hessian.diagonal().mean())
+    # The upper Cholesky factor U of H^-1 (U^T U = H^-1) without forming H^-1: with J the
+    # reversal and J H J = L L^T, U = J L^-1 J (one factorization, one triangular inverse).
+    flipped = torch.linalg.cholesky(hessian.flip(0, 1))
+    identity = torch.eye(flipped.shape[0], dtype=flipped.dtype)
+    inverse = torch.linalg.solve_triangular(flipped, identity, upper=False).flip(0, 1)
+    return GptqFactor(order, inverse, dead)
+
+
+def gptq_weight(weight: torch.Tensor, factor: GptqFactor, weight_max: int,
+                block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_weight`'s codes and scales, the codes rounded by GPTQ (Frantar et al.,
+    "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", 2023)
+    to minimise the layer's output error over the inputs of ``factor`` (:func:`gptq_factor`)
+    rather than each weight's own: input columns are rounded one at a time, largest input energy
+    first, and each one's rounding error is spread over the columns not yet rounded, weighted by
+    the inverse Hessian. Scales are :func:`quantize_weight`'s (each channel's largest weight), so
+    no code is clipped beyond them."""
+    scales = weight.detach().float().abs().amax(dim=1).clamp_(min=_TINY).div_(weight_max)
+    # Transposed, (in, out): a column to round is a contiguous row, and updates are rank-1 (ger).
+    w = weight.detach().float().t()[factor.order].contiguous()
+    w[factor.dead[factor.order]] = 0.0
+    inverse = factor.inverse
+    codes = torch.empty_like(w)
+    for start in range(0, w.shape[0], block):
+        end = min(start + block, w.shape[0])
+        chunk, errors = w[start:end], torch.empty(end - start, w.shape[1])
+        for i in range(end - start):
+            q = torch.div(chunk[i], scales).round_().clamp_(-weight_max, weight_max)
+            codes[start + i] = q
+            error = torch.sub(chunk[i], q.mul_(scales)).div_(inverse[start + i, start + i])
+            chunk[i:].addr_(inverse[start + i, start + i:end], error, alpha=-1)
+            errors[i] = error
+        w[end:].addmm_(inverse[start:end, end:].t(), errors, alpha=-1)
+    restored = torch.empty_like(codes)
+    restored[factor.order] = codes
+    return restored.t().to(torch.int8).contiguous(), scales
 
 
 def quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,15 +303,18 @@ class Int8Linear(torch.nn.Module):
         input_means: ``(E[x], E[x^])``, the layer's mean input and mean dequantized input
             (:func:`quantize_activation`) over calibration tokens: ``b`` then also holds the
             bias correction ``W E[x] - W^ E[x^]`` (module docstring). None: no correction.
+        weight: the weight's codes and scales, already chosen (:func:`gptq_weight`); None:
+            :func:`quantize_weight`'s.
     """
 
     def __init__(self, linear: torch.nn.Linear, weight_max: int, keep_codes: bool = True,
-                 input_means: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 input_means: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 weight: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight_max = weight_max
-        codes, self.weight_scale = quantize_weight(linear.weight, weight_max)
+        codes, self.weight_scale = quantize_weight(linear.weight, weight_max) if weight is None else weight
         # The product reads only the reordered copy.
         self.weight_codes = codes if keep_codes else None
         self.weight_packed = torch.ops.onednn.qlinear_prepack(codes, None)
@@ -295,11 +368,12 @@ def quantize_int8(module: torch.nn.Module, keep_codes: bool = False, calibration
 
     Args:
         calibration: a padded batch (``input_ids``, ``attention_mask``; :func:`calibration_batch`)
-            that ``module``, a decoder with ``layers``, runs twice to measure the bias
-            correction of each layer's linear layers (module docstring). The passes compute in
-            float32 with at most one decoder layer's float32 copy at a time (the first pass)
-            or one linear layer's (the second); the quantized layers' norms stay float32
-            (exact copies of the loaded ones). None: no correction.
+            that ``module``, a decoder with ``layers``, runs twice to round each linear layer's
+            weights by GPTQ and measure its bias correction (module docstring). The passes
+            compute in float32 with at most one decoder layer's float32 copy at a time (the
+            first pass) or one linear layer's weight and GPTQ factor (the second); the quantized
+            layers' norms stay float32 (exact copies of the loaded ones). None: weights rounded
+            to the nearest code, no correction.
 
     Returns:
         the number of layers replaced.
@@ -314,9 +388,12 @@ def quantize_int8(module: torch.nn.Module, keep_codes: bool = False, calibration
     return sum(isinstance(m, Int8Linear) for m in module.modules())
 
 
-# Pairs for int8's bias correction: the official template around short texts of several languages
-# and kinds (prose, code, a table row, a question). Means of layer inputs over them are mostly the
-# template's and the residual stream's common part, which every real request shares.
+# Pairs for int8's calibration (GPTQ rounding and bias correction): the official template around
+# texts of several languages and kinds (prose, code, a table row, a question, an unrelated
+# document), short and of a paragraph. Means of layer inputs over them are mostly the template's
+# and the residual stream's common part, which every real request shares; the longer ones give
+# GPTQ's Hessians more distinct tokens (with only the first eight, short, the benchmark's largest
+# score difference was 0.138 instead of 0.107: docs/benchmarks.md).
 CALIBRATION_PAIRS: tuple[tuple[str, str], ...] = (
     ("how do solar panels work", "Photovoltaic cells turn sunlight into direct current, which an inverter converts."),
     ("best time to visit kyoto", "Spring brings cherry blossoms; autumn maples draw crowds in November."),
@@ -326,6 +403,41 @@ CALIBRATION_PAIRS: tuple[tuple[str, str], ...] = (
     ("quelle est la capitale du Canada", "Ottawa est la capitale fédérale du Canada, en Ontario."),
     ("GDP of Germany 2023", "| country | year | GDP (USD tn) |\n| Germany | 2023 | 4.46 |"),
     ("is coffee bad for you", "Moderate coffee intake is not linked to harm in most adults."),
+    ("tenant rights when landlord sells the building",
+     "When a rental property is sold, an existing lease generally remains valid and binds the new owner. "
+     "The buyer steps into the landlord's position, must honour the agreed rent and term, and takes over the "
+     "security deposit. Month-to-month tenants may receive a notice to vacate, but the notice period set by "
+     "state law still applies, and eviction without a court order is unlawful in most jurisdictions."),
+    ("how does insulin regulate blood sugar",
+     "After a meal, rising glucose levels prompt beta cells in the pancreas to release insulin. Insulin binds "
+     "to receptors on muscle, fat and liver cells, which then take up glucose from the blood. The liver stores "
+     "the surplus as glycogen, and when levels fall, glucagon triggers its release again. In type 2 diabetes "
+     "cells respond poorly to insulin, so glucose stays high."),
+    ("rust borrow checker error cannot borrow as mutable",
+     "fn main() {\n    let mut v = vec![1, 2, 3];\n    let first = &v[0];\n    v.push(4);\n    println!(\"{}\", first);\n}\n"
+     "The push needs a mutable borrow of v while first still holds an immutable one; the compiler rejects it "
+     "because push may reallocate the vector and leave first dangling. Clone the value or end the borrow first."),
+    ("quarterly earnings semiconductor company",
+     "The chipmaker reported revenue of $18.1 billion for the quarter, up 34 percent from a year earlier, driven "
+     "by demand for data-centre accelerators. Gross margin narrowed to 61 percent on higher packaging costs. "
+     "The company guided next-quarter revenue between $19 billion and $20 billion and raised its dividend."),
+    ("receta de tortilla de patatas",
+     "Pela y corta las patatas en láminas finas, fríelas a fuego lento en abundante aceite con la cebolla. "
+     "Bate seis huevos con sal, mezcla las patatas escurridas y deja reposar unos minutos. Cuaja la mezcla en "
+     "una sartén, dale la vuelta con un plato y termina de cocinar por el otro lado."),
+    ("what causes the northern lights",
+     "The 2019 season of the regional football league ended with a penalty shoot-out in the final, after both "
+     "sides failed to score in extra time. The home team's goalkeeper saved two attempts, and attendance set a "
+     "club record of 41,000 spectators."),
+    ("Wie funktioniert eine Wärmepumpe",
+     "Eine Wärmepumpe entzieht der Umgebungsluft, dem Erdreich oder dem Grundwasser Wärme und hebt sie mit "
+     "einem Verdichter auf ein höheres Temperaturniveau. Das Kältemittel verdampft bei niedriger Temperatur, "
+     "wird komprimiert und gibt die Wärme im Verflüssiger an den Heizkreis ab."),
+    ("transformer attention complexity long sequences",
+     "Self-attention compares every token with every other token, so its time and memory grow with the square "
+     "of the sequence length. Sparse patterns, low-rank approximations and kernel methods reduce this cost, "
+     "while exact methods such as FlashAttention keep the quadratic work but avoid materialising the score "
+     "matrix, which makes long contexts practical on current accelerators."),
 )
 
 
@@ -348,43 +460,45 @@ def _to_float32(value):
 @torch.inference_mode()
 def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: bool, batch: dict) -> None:
     """:func:`quantize_int8`'s calibrated passes: each linear layer of ``decoder.layers``
-    replaced by a bias-corrected :class:`Int8Linear`.
+    replaced by an :class:`Int8Linear` with GPTQ-rounded weights and a bias correction.
 
-    Two passes over ``batch``, each decoder layer computing in float32 (cast as a pass reaches
-    it). The first, all float, measures each linear layer's mean input ``E[x]``. The second
-    quantizes in the order the layers run: each linear layer is replaced as soon as it has run,
-    its mean dequantized input ``E[x^]`` measured on inputs that the int8 layers before it
+    Two passes over ``batch``, each decoder layer's float work in float32 (cast as a pass
+    reaches it). The first, all float, measures each linear layer's mean input ``E[x]``. The second
+    quantizes in the order the layers run: each linear layer is replaced when it is called (its
+    float product is never computed), its mean dequantized input ``E[x^]`` measured on inputs that the int8 layers before it
     produced, and its int8 output goes on instead of its float one. So each correction also
     takes out the mean drift that the int8 layers before it left in its inputs, not just its own
     rounding, and over the calibration tokens every int8 layer has its float layer's mean output.
+    The weights are rounded by GPTQ (:func:`gptq_weight`) on those same inputs, before the
+    correction is measured on the codes chosen.
     """
     mask = batch["attention_mask"].bool()
     names = {module: name for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
     float_means: dict[torch.nn.Module, torch.Tensor] = {}
     loaded: dict[torch.nn.Parameter, torch.Tensor] = {}  # a float layer's tensors as loaded
+    factor: list = [None, None]  # the last input seen, and its GptqFactor
 
     def measure(linear, args):
         float_means[linear] = args[0][mask].double().mean(0)  # real tokens only: padding left out
 
-    def quantize(linear, args, output):
-        codes, scales = quantize_activation(args[0][mask])
+    def quantize(linear, x):
+        codes, scales = quantize_activation(x[mask])
         dequantized_mean = dequantize_activation(codes, scales).mean(0)
-        layer = Int8Linear(linear, weight_max, keep_codes, (float_means.pop(linear), dequantized_mean))
-        # Popped: the float layer (float32 by now) is freed once replaced.
+        if factor[0] is not x:  # q/k/v and gate/up read one input: one factor for each group
+            factor[:] = [x, gptq_factor(x[mask], GPTQ_DAMPING)]
+        weight = gptq_weight(linear.weight, factor[1], weight_max)
+        layer = Int8Linear(linear, weight_max, keep_codes, (float_means.pop(linear), dequantized_mean), weight)
+        # Popped: the float layer is freed once replaced.
         _replace_submodule(decoder, names.pop(linear), layer)
-        return layer(args[0])
+        return layer(x)
 
     def enter(layer, args, kwargs):
-        # Its norms for good; each linear layer as it runs (to_float32), so that one float32
-        # weight at a time exists.
+        # Its norms for good (the linear layers are replaced as they run).
         for module in layer.modules():
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(module, (torch.nn.Linear, _Calibrating)):
                 for param in module.parameters(recurse=False):
                     param.data = param.data.float()
         return _to_float32(args), _to_float32(kwargs)
-
-    def to_float32(linear, args):
-        linear.float()
 
     def enter_float(layer, args, kwargs):
         for param in layer.parameters():
@@ -397,8 +511,8 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
         for param in layer.parameters():
             param.data = loaded.pop(param)
 
-    def run(hook_linear, enter_layer, leave_layer=None) -> None:
-        handles = [handle for linear in list(names) for handle in hook_linear(linear)]
+    def run(enter_layer, leave_layer=None, hook_linear=None) -> None:
+        handles = [linear.register_forward_pre_hook(hook_linear) for linear in names] if hook_linear else []
         for layer in decoder.layers:
             handles.append(layer.register_forward_pre_hook(enter_layer, with_kwargs=True))
             if leave_layer is not None:
@@ -411,8 +525,26 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
             for handle in handles:
                 handle.remove()
 
-    run(lambda linear: [linear.register_forward_pre_hook(measure)], enter_float, leave_float)
-    run(lambda linear: [linear.register_forward_pre_hook(to_float32), linear.register_forward_hook(quantize)], enter)
+    run(enter_float, leave_float, hook_linear=measure)
+    # Each float layer stands in a _Calibrating wrapper that replaces it on its first call, so
+    # that pass 2 runs no float product.
+    for linear, name in list(names.items()):
+        _replace_submodule(decoder, name, _Calibrating(linear, quantize))
+    run(enter)
+
+
+class _Calibrating(torch.nn.Module):
+    """A float linear layer waiting in :func:`_quantize_calibrated`'s second pass: its first call
+    hands the layer and its input to ``quantize``, which replaces this wrapper by the int8 layer
+    and returns that layer's output."""
+
+    def __init__(self, linear: torch.nn.Linear, quantize):
+        super().__init__()
+        self.linear = linear
+        self.quantize = quantize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(self.linear, x)
 
 
 def quantize_fp8(module: torch.nn.Module) -> int:

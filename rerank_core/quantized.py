@@ -146,8 +146,7 @@ class GptqFactor(NamedTuple):
 
 def gptq_factor(inputs: torch.Tensor, damping: float = GPTQ_DAMPING) -> GptqFactor:
     """The factor of ``inputs`` (``(n, in)`` rows) that :func:`gptq_weight` rounds with; the
-    Hessian ``X^T X`` is damped by ``damping`` times its mean diagonal (a few hundred calibration
-    tokens leave it singular, and damping keeps the rounding from fitting those tokens alone)."""
+    Hessian ``X^T X`` is damped by ``damping`` times its mean diagonal (:data:`GPTQ_DAMPING`)."""
     x = inputs.reshape(-1, inputs.shape[-1]).float()
     hessian = x.t() @ x
     dead = hessian.diagonal() == 0
@@ -462,15 +461,15 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
     """:func:`quantize_int8`'s calibrated passes: each linear layer of ``decoder.layers``
     replaced by an :class:`Int8Linear` with GPTQ-rounded weights and a bias correction.
 
-    Two passes over ``batch``, each decoder layer's float work in float32 (cast as a pass
-    reaches it). The first, all float, measures each linear layer's mean input ``E[x]``. The second
+    Two passes over ``batch``, each decoder layer's float work in float32 (cast as a pass reaches
+    it). The first, all float, measures each linear layer's mean input ``E[x]``. The second
     quantizes in the order the layers run: each linear layer is replaced when it is called (its
-    float product is never computed), its mean dequantized input ``E[x^]`` measured on inputs that the int8 layers before it
-    produced, and its int8 output goes on instead of its float one. So each correction also
-    takes out the mean drift that the int8 layers before it left in its inputs, not just its own
-    rounding, and over the calibration tokens every int8 layer has its float layer's mean output.
-    The weights are rounded by GPTQ (:func:`gptq_weight`) on those same inputs, before the
-    correction is measured on the codes chosen.
+    float product is never computed), its mean dequantized input ``E[x^]`` measured on inputs that
+    the int8 layers before it produced, and its int8 output goes on instead of its float one. So
+    each correction also takes out the mean drift that the int8 layers before it left in its inputs,
+    not just its own rounding, and over the calibration tokens every int8 layer has its float
+    layer's mean output. The weights are rounded by GPTQ (:func:`gptq_weight`) on those same inputs,
+    before the correction is measured on the codes chosen.
     """
     mask = batch["attention_mask"].bool()
     names = {module: name for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}

@@ -89,6 +89,7 @@ from rerank_core.quantized import (  # noqa: E402
     int8_weight_max,
     quantize_activation,
     quantize_weight,
+    weight_scales,
 )
 
 STEPS = ("speed", "breakdown", "fidelity", "memory", "kernels")
@@ -233,7 +234,7 @@ def clipped_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor,
     :data:`CLIP_RATIOS` of its largest weight to minimise the channel's squared rounding error
     (weights beyond the clip saturate)."""
     w = weight.detach().float()
-    _, largest_scale = quantize_weight(w, weight_max)  # ratio 1.0: the largest weight's scale
+    largest_scale = weight_scales(w, weight_max)  # ratio 1.0: the largest weight's scale
     best_error, best_scale = torch.full_like(largest_scale, float("inf")), largest_scale
     for ratio in CLIP_RATIOS:
         scale = largest_scale * ratio

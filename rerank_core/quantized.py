@@ -127,10 +127,17 @@ def check_device(quantization: str, device: torch.device) -> None:
     raise QuantizedDtypeError(f"unknown quantized dtype {quantization!r}; one of {', '.join(QUANTIZED_DTYPES)}")
 
 
+def weight_scales(weight: torch.Tensor, weight_max: int) -> torch.Tensor:
+    """Each output channel's float32 scale for symmetric codes of at most ``weight_max``: its
+    largest weight over ``weight_max``."""
+    return weight.detach().float().abs().amax(dim=1).clamp_(min=_TINY).div_(weight_max)
+
+
 def quantize_weight(weight: torch.Tensor, weight_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 codes and float32 scales of a ``(out, in)`` weight."""
+    """Symmetric per-output-channel int8 codes and float32 scales (:func:`weight_scales`) of a
+    ``(out, in)`` weight, each weight rounded to its nearest code."""
+    scales = weight_scales(weight, weight_max)
     weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1).clamp_(min=_TINY).div_(weight_max)
     codes = torch.round(weight / scales[:, None]).clamp_(-weight_max, weight_max).to(torch.int8)
     return codes, scales
 
@@ -171,7 +178,7 @@ def gptq_weight(weight: torch.Tensor, factor: GptqFactor, weight_max: int,
     first, and each one's rounding error is spread over the columns not yet rounded, weighted by
     the inverse Hessian. Scales are :func:`quantize_weight`'s (each channel's largest weight), so
     no code is clipped beyond them."""
-    scales = weight.detach().float().abs().amax(dim=1).clamp_(min=_TINY).div_(weight_max)
+    scales = weight_scales(weight, weight_max)
     # Transposed, (in, out): a column to round is a contiguous row, and updates are rank-1 (ger).
     w = weight.detach().float().t()[factor.order].contiguous()
     w[factor.dead[factor.order]] = 0.0
@@ -475,17 +482,20 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
     names = {module: name for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
     float_means: dict[torch.nn.Module, torch.Tensor] = {}
     loaded: dict[torch.nn.Parameter, torch.Tensor] = {}  # a float layer's tensors as loaded
-    factor: list = [None, None]  # the last input seen, and its GptqFactor
+    # The last input seen, its mean dequantized row and its GptqFactor: q/k/v read one input, and
+    # gate/up another, so each group's are computed once.
+    shared: list = [None, None, None]
 
     def measure(linear, args):
         float_means[linear] = args[0][mask].double().mean(0)  # real tokens only: padding left out
 
     def quantize(linear, x):
-        codes, scales = quantize_activation(x[mask])
-        dequantized_mean = dequantize_activation(codes, scales).mean(0)
-        if factor[0] is not x:  # q/k/v and gate/up read one input: one factor for each group
-            factor[:] = [x, gptq_factor(x[mask], GPTQ_DAMPING)]
-        weight = gptq_weight(linear.weight, factor[1], weight_max)
+        if shared[0] is not x:
+            rows = x[mask]
+            codes, scales = quantize_activation(rows)
+            shared[:] = [x, dequantize_activation(codes, scales).mean(0), gptq_factor(rows, GPTQ_DAMPING)]
+        _, dequantized_mean, factor = shared
+        weight = gptq_weight(linear.weight, factor, weight_max)
         layer = Int8Linear(linear, weight_max, keep_codes, (float_means.pop(linear), dequantized_mean), weight)
         # Popped: the float layer is freed once replaced.
         _replace_submodule(decoder, names.pop(linear), layer)
@@ -494,7 +504,7 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
     def enter(layer, args, kwargs):
         # Its norms for good (the linear layers are replaced as they run).
         for module in layer.modules():
-            if not isinstance(module, (torch.nn.Linear, _Calibrating)):
+            if not isinstance(module, torch.nn.Linear):
                 for param in module.parameters(recurse=False):
                     param.data = param.data.float()
         return _to_float32(args), _to_float32(kwargs)

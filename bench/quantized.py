@@ -257,7 +257,8 @@ def load_part_variant(checkpoint: Path, variant: str) -> Reranker:
             "int8-uncorrected": {"calibration_batch": lambda tokenizer: None},
             "int8-clip": {"calibration_batch": lambda tokenizer: None, "quantize_weight": clipped_weight},
             "int8-nearest": {"gptq_factor": lambda inputs, damping=None: None,
-                             "gptq_weight": lambda weight, factor, weight_max: quantize_weight(weight, weight_max)},
+                             "gptq_weights": lambda weights, factor, weight_max: [
+                                 quantize_weight(weight, weight_max) for weight in weights]},
         }[variant]
         with mock.patch.multiple(quantized_module, **replacements):
             return Reranker.load(str(checkpoint), device="cpu", dtype="int8")

@@ -25,7 +25,7 @@ load, a few template prompts
 layer's mean input ``E[x]`` in the float model and its mean dequantized input ``E[x^]`` in the
 model quantized up to it, and the layer adds ``W E[x] - W^ E[x^]`` (``W^``: the dequantized
 weight) as a bias: over those prompts, each int8 layer then has its float layer's mean output.
-The same pass rounds each layer's weights by GPTQ (:func:`gptq_weight`; Frantar et al. 2023) on
+The same pass rounds each layer's weights by GPTQ (:func:`gptq_weights`; Frantar et al. 2023) on
 the inputs it sees there, rather than to the nearest code: each rounding error is compensated by
 the weights of the input columns not yet rounded, so that the layer's outputs, not its weights,
 stay close to the float ones. With 7-bit weights (below), GPTQ took the benchmark's largest score
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,8 @@ from torch.profiler import record_function
 from .config import QUANTIZED_DTYPES
 from .errors import error_summary
 from .invariant import _replace_submodule
+from .memory import release_freed_memory
+from .packing import ATTENTION_NAME, Segments
 from .prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, body_text
 
 # Smallest scale: an all-zero row or channel quantizes to zeros instead of dividing by zero.
@@ -147,56 +150,95 @@ class GptqFactor(NamedTuple):
     the same inputs (q/k/v; gate/up)."""
 
     order: torch.Tensor  # input columns, largest energy first
-    inverse: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian, in that order
+    lower: torch.Tensor  # L, lower triangular, with L^T L the damped Hessian in that order
     dead: torch.Tensor  # columns no input ever used (their weights cannot matter)
 
 
+def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``x.T @ x`` of ``(n, d)`` rows with about half of its products: each block of ``block``
+    rows is multiplied from the diagonal on, and mirrored below it. For the calibration's
+    Hessians (up to 3,072 columns over 2,000 tokens per layer of the 0.6B) it takes about half
+    the time of the full product."""
+    width = x.shape[1]
+    out = x.new_empty(width, width)
+    for start in range(0, width, block):
+        end = min(start + block, width)
+        out[start:end, start:] = x[:, start:end].t() @ x[:, start:]
+        out[end:, start:end] = out[start:end, end:].t()
+    return out
+
+
 def gptq_factor(inputs: torch.Tensor, damping: float = GPTQ_DAMPING) -> GptqFactor:
-    """The factor of ``inputs`` (``(n, in)`` rows) that :func:`gptq_weight` rounds with; the
+    """The factor of ``inputs`` (``(n, in)`` rows) that :func:`gptq_weights` rounds with; the
     Hessian ``X^T X`` is damped by ``damping`` times its mean diagonal (:data:`GPTQ_DAMPING`)."""
     x = inputs.reshape(-1, inputs.shape[-1]).float()
-    hessian = x.t() @ x
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1.0
-    order = torch.argsort(hessian.diagonal(), descending=True)
-    hessian = hessian[order][:, order]
+    energy = x.square().sum(0)  # the Hessian's diagonal
+    dead = energy == 0
+    order = torch.argsort(energy, descending=True)
+    # H = L^T L with L lower triangular, in that order, is a Cholesky factorization from the
+    # other end: with J the reversal and J H J = C C^T, L = J C^T J. So the Hessian is formed
+    # with its columns in reverse order (J H J directly), and factored as usual. GPTQ's usual
+    # upper factor of H^-1 is L^-T; the rounding reads L itself, so no inverse is formed.
+    reverse = order.flip(0)
+    hessian = gram(x[:, reverse])
+    hessian.diagonal()[dead[reverse]] = 1.0
     hessian.diagonal().add_(damping * hessian.diagonal().mean())
-    # The upper Cholesky factor U of H^-1 (U^T U = H^-1) without forming H^-1: with J the
-    # reversal and J H J = L L^T, U = J L^-1 J (one factorization, one triangular inverse).
-    flipped = torch.linalg.cholesky(hessian.flip(0, 1))
-    identity = torch.eye(flipped.shape[0], dtype=flipped.dtype)
-    inverse = torch.linalg.solve_triangular(flipped, identity, upper=False).flip(0, 1)
-    return GptqFactor(order, inverse, dead)
+    return GptqFactor(order, torch.linalg.cholesky(hessian).t().flip(0, 1), dead)
+
+
+def gptq_weights(weights: Sequence[torch.Tensor], factor: GptqFactor, weight_max: int,
+                 block: int = 128, step: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`quantize_weight`'s codes and scales of each of ``weights`` (layers that read the
+    same inputs), the codes rounded by GPTQ (Frantar et al., "GPTQ: Accurate Post-Training
+    Quantization for Generative Pre-trained Transformers", 2023) to minimise each layer's output
+    error over the inputs of ``factor`` (:func:`gptq_factor`) rather than each weight's own.
+
+    Input columns are rounded one at a time, largest input energy first, each to the code
+    nearest its weight plus the compensation for the rounding errors of the columns before it.
+    With the damped Hessian ``H = L^T L`` (``L`` lower triangular) and ``e = w - w^`` one output
+    row's errors, the output error over the inputs is ``|L e|^2``, and column ``i`` appears first
+    in row ``i`` of ``L e``: it is rounded to cancel that row, ``w^_i ≈ w_i + sum_{j<i} L_ij e_j
+    / L_ii``. This is GPTQ's update, written with ``L`` rather than the Cholesky factor of
+    ``H^-1`` (the "nearest plane" form; the two give the same codes up to float rounding at
+    ties). The compensation of a block of columns by all the columns before it is one matrix
+    product; within a block it is added column by column. Scales are :func:`quantize_weight`'s
+    (each channel's largest weight), so no code is clipped beyond them. The layers are rounded
+    together, as one weight of all their output channels: the same codes as one at a time, in a
+    third fewer column steps for q/k/v.
+    """
+    scales = [weight_scales(weight, weight_max) for weight in weights]
+    # Transposed, (in, out): a column to round is a contiguous row, and updates are rank-1 (ger).
+    # The rows already rounded hold their errors from then on (the weights are no longer needed).
+    w = torch.cat([weight.detach().t()[factor.order] for weight in weights], dim=1).float()
+    w[factor.dead[factor.order]] = 0.0
+    scale = torch.cat(scales)
+    coupling = factor.lower / factor.lower.diagonal()[:, None]
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    for start in range(0, w.shape[0], block):
+        end = min(start + block, w.shape[0])
+        target = torch.addmm(w[start:end], coupling[start:end, :start], w[:start])
+        for first in range(start, end, step):
+            last = min(first + step, end)
+            for i in range(first, last):
+                q = target[i - start].div_(scale).round_().clamp_(-weight_max, weight_max)
+                codes[i] = q
+                error = w[i].addcmul_(q, scale, value=-1)
+                target[i + 1 - start:last - start].addr_(coupling[i + 1:last, i], error)
+            target[last - start:].addmm_(coupling[last:end, first:last], w[first:last])
+    restored = torch.empty_like(codes)
+    restored[factor.order] = codes
+    restored = restored.t()
+    out, first = [], 0
+    for weight, weight_scale in zip(weights, scales):
+        out.append((restored[first:first + weight.shape[0]].contiguous(), weight_scale))
+        first += weight.shape[0]
+    return out
 
 
 def gptq_weight(weight: torch.Tensor, factor: GptqFactor, weight_max: int,
-                block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_weight`'s codes and scales, the codes rounded by GPTQ (Frantar et al.,
-    "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", 2023)
-    to minimise the layer's output error over the inputs of ``factor`` (:func:`gptq_factor`)
-    rather than each weight's own: input columns are rounded one at a time, largest input energy
-    first, and each one's rounding error is spread over the columns not yet rounded, weighted by
-    the inverse Hessian. Scales are :func:`quantize_weight`'s (each channel's largest weight), so
-    no code is clipped beyond them."""
-    scales = weight_scales(weight, weight_max)
-    # Transposed, (in, out): a column to round is a contiguous row, and updates are rank-1 (ger).
-    w = weight.detach().float().t()[factor.order].contiguous()
-    w[factor.dead[factor.order]] = 0.0
-    inverse = factor.inverse
-    codes = torch.empty_like(w)
-    for start in range(0, w.shape[0], block):
-        end = min(start + block, w.shape[0])
-        chunk, errors = w[start:end], torch.empty(end - start, w.shape[1])
-        for i in range(end - start):
-            q = torch.div(chunk[i], scales).round_().clamp_(-weight_max, weight_max)
-            codes[start + i] = q
-            error = torch.sub(chunk[i], q.mul_(scales)).div_(inverse[start + i, start + i])
-            chunk[i:].addr_(inverse[start + i, start + i:end], error, alpha=-1)
-            errors[i] = error
-        w[end:].addmm_(inverse[start:end, end:].t(), errors, alpha=-1)
-    restored = torch.empty_like(codes)
-    restored[factor.order] = codes
-    return restored.t().to(torch.int8).contiguous(), scales
+                block: int = 128, step: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_weights` of one layer."""
+    return gptq_weights([weight], factor, weight_max, block, step)[0]
 
 
 def quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +351,7 @@ class Int8Linear(torch.nn.Module):
         input_means: ``(E[x], E[x^])``, the layer's mean input and mean dequantized input
             (:func:`quantize_activation`) over calibration tokens: ``b`` then also holds the
             bias correction ``W E[x] - W^ E[x^]`` (module docstring). None: no correction.
-        weight: the weight's codes and scales, already chosen (:func:`gptq_weight`); None:
+        weight: the weight's codes and scales, already chosen (:func:`gptq_weights`); None:
             :func:`quantize_weight`'s.
     """
 
@@ -374,10 +416,11 @@ def quantize_int8(module: torch.nn.Module, keep_codes: bool = False, calibration
 
     Args:
         calibration: a padded batch (``input_ids``, ``attention_mask``; :func:`calibration_batch`)
-            that ``module``, a decoder with ``layers``, runs twice to round each linear layer's
-            weights by GPTQ and measure its bias correction (module docstring). The passes
-            compute in float32 with at most one decoder layer's float32 copy at a time (the
-            first pass) or one linear layer's weight and GPTQ factor (the second); the quantized
+            that ``module``, a decoder with ``layers``, runs twice, its real tokens packed into
+            one row, to round each linear layer's weights by GPTQ and measure its bias
+            correction (module docstring). The passes compute in float32 with at most one
+            decoder layer's float32 copy at a time (the first pass) or the float32 weights of
+            the layers of one input (q/k/v or gate/up) and their GPTQ factor (the second); the quantized
             layers' norms stay float32 (exact copies of the loaded ones). None: weights rounded
             to the nearest code, no correction.
 
@@ -468,36 +511,50 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
     """:func:`quantize_int8`'s calibrated passes: each linear layer of ``decoder.layers``
     replaced by an :class:`Int8Linear` with GPTQ-rounded weights and a bias correction.
 
-    Two passes over ``batch``, each decoder layer's float work in float32 (cast as a pass reaches
-    it). The first, all float, measures each linear layer's mean input ``E[x]``. The second
-    quantizes in the order the layers run: each linear layer is replaced when it is called (its
-    float product is never computed), its mean dequantized input ``E[x^]`` measured on inputs that
-    the int8 layers before it produced, and its int8 output goes on instead of its float one. So
-    each correction also takes out the mean drift that the int8 layers before it left in its inputs,
-    not just its own rounding, and over the calibration tokens every int8 layer has its float
-    layer's mean output. The weights are rounded by GPTQ (:func:`gptq_weight`) on those same inputs,
-    before the correction is measured on the codes chosen.
+    Two passes over ``batch``'s real tokens, packed into one row (:mod:`rerank_core.packing`: no
+    padding computed, attention kept per prompt), each decoder layer's float work in float32
+    (cast as a pass reaches it). The first, all float, measures each linear layer's mean input
+    ``E[x]`` and which layers read the same input. The second quantizes in the order the layers
+    run: each linear layer is replaced when it is called (its float product is never computed),
+    its mean dequantized input ``E[x^]`` measured on inputs that the int8 layers before it
+    produced, and its int8 output goes on instead of its float one. So each correction also
+    takes out the mean drift that the int8 layers before it left in its inputs, not just its own
+    rounding, and over the calibration tokens every int8 layer has its float layer's mean output.
+    The weights of the layers that share an input (q/k/v; gate/up) are rounded together by GPTQ
+    (:func:`gptq_weights`) on that input, before the correction is measured on the codes chosen.
     """
     mask = batch["attention_mask"].bool()
+    # The real tokens in row order (the batch's padding left out), one segment per prompt.
+    segments = [int(n) for n in mask.sum(1)]
+    ids = batch["input_ids"][mask][None]
     names = {module: name for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
     float_means: dict[torch.nn.Module, torch.Tensor] = {}
+    groups: dict[torch.nn.Module, list[torch.nn.Module]] = {}  # each layer's group: layers of one input
+    last: list = [None, None]  # the last input the first pass saw, and its group
     loaded: dict[torch.nn.Parameter, torch.Tensor] = {}  # a float layer's tensors as loaded
-    # The last input seen, its mean dequantized row and its GptqFactor: q/k/v read one input, and
-    # gate/up another, so each group's are computed once.
-    shared: list = [None, None, None]
+    # A group's chosen weights and its mean dequantized input, by layer, until each is replaced.
+    chosen: dict[torch.nn.Module, tuple] = {}
 
     def measure(linear, args):
-        float_means[linear] = args[0][mask].double().mean(0)  # real tokens only: padding left out
+        x = args[0]
+        float_means[linear] = x.reshape(-1, x.shape[-1]).double().mean(0)
+        if last[0] is not x:
+            last[:] = [x, []]
+        last[1].append(linear)
+        groups[linear] = last[1]
 
     def quantize(linear, x):
-        if shared[0] is not x:
-            rows = x[mask]
+        if linear not in chosen:
+            rows = x.reshape(-1, x.shape[-1])
             codes, scales = quantize_activation(rows)
-            shared[:] = [x, dequantize_activation(codes, scales).mean(0), gptq_factor(rows, GPTQ_DAMPING)]
-        _, dequantized_mean, factor = shared
-        weight = gptq_weight(linear.weight, factor, weight_max)
+            dequantized_mean = dequantize_activation(codes, scales).mean(0)
+            group = groups[linear]
+            weights = gptq_weights([layer.weight for layer in group], gptq_factor(rows, GPTQ_DAMPING), weight_max)
+            chosen.update((layer, (weight, dequantized_mean)) for layer, weight in zip(group, weights))
+        weight, dequantized_mean = chosen.pop(linear)
+        del groups[linear]
         layer = Int8Linear(linear, weight_max, keep_codes, (float_means.pop(linear), dequantized_mean), weight)
-        # Popped: the float layer is freed once replaced.
+        # Popped (and out of `groups`): the float layer is freed once replaced.
         _replace_submodule(decoder, names.pop(linear), layer)
         return layer(x)
 
@@ -519,6 +576,12 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
         # checkpoint's file, and a copy would hold the layer twice): one float32 layer at a time.
         for param in layer.parameters():
             param.data = loaded.pop(param)
+        release(layer, args, kwargs, output)
+
+    def release(layer, args, kwargs, output):
+        # A layer's freed float32 copies and activations handed back to the system: glibc kept
+        # them otherwise, and the load's resident memory grew by 30-80 MB a layer.
+        release_freed_memory()
 
     def run(enter_layer, leave_layer=None, hook_linear=None) -> None:
         handles = [linear.register_forward_pre_hook(hook_linear) for linear in names] if hook_linear else []
@@ -526,20 +589,27 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
             handles.append(layer.register_forward_pre_hook(enter_layer, with_kwargs=True))
             if leave_layer is not None:
                 handles.append(layer.register_forward_hook(leave_layer, with_kwargs=True))
+        attention = decoder.config._attn_implementation
+        decoder.set_attn_implementation(ATTENTION_NAME)
         try:
             # Embeddings passed in float32, so that the rotary tables are computed in float32 too.
-            embeddings = decoder.get_input_embeddings()(batch["input_ids"]).float()
-            decoder(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], use_cache=False)
+            embeddings = decoder.get_input_embeddings()(ids).float()
+            layout = Segments(segments, [None] * len(segments))
+            positions = torch.from_numpy(layout.position_array())[None]
+            decoder(inputs_embeds=embeddings, position_ids=positions, attention_mask={"full_attention": layout},
+                    use_cache=False)
         finally:
+            decoder.set_attn_implementation(attention)
             for handle in handles:
                 handle.remove()
 
     run(enter_float, leave_float, hook_linear=measure)
+    last.clear()
     # Each float layer stands in a _Calibrating wrapper that replaces it on its first call, so
     # that pass 2 runs no float product.
     for linear, name in list(names.items()):
         _replace_submodule(decoder, name, _Calibrating(linear, quantize))
-    run(enter)
+    run(enter, release)
 
 
 class _Calibrating(torch.nn.Module):

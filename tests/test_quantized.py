@@ -20,11 +20,14 @@ from rerank_core.quantized import (
     fused_quantize,
     gptq_factor,
     gptq_weight,
+    gptq_weights,
+    gram,
     int8_reference,
     int8_weight_max,
     quantize_activation,
     quantize_int8,
     quantize_weight,
+    weight_scales,
 )
 
 from .reference import official_scores
@@ -169,7 +172,13 @@ def _correlated_inputs(rows: int, generator: torch.Generator) -> torch.Tensor:
     return common + torch.randn(rows, 512, generator=generator) * energy
 
 
-def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse_hessian():
+@pytest.mark.parametrize("width", [250, 300])
+def test_gram_is_the_full_product_from_its_upper_blocks(width):
+    x = torch.randn(400, width, generator=torch.Generator().manual_seed(width))
+    assert torch.allclose(gram(x, block=100), x.t() @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_gptq_factor_is_a_lower_triangular_factor_of_the_damped_hessian():
     x = _correlated_inputs(300, torch.Generator().manual_seed(1))
     x[:, 7] = 0  # a channel no input uses
     factor = gptq_factor(x, damping=0.1)
@@ -179,10 +188,60 @@ def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse_hessian(
     assert factor.dead.nonzero().flatten().tolist() == [7]
     ordered = hessian[factor.order][:, factor.order]
     ordered.diagonal().add_(0.1 * ordered.diagonal().mean())
-    u = factor.inverse.double()
-    assert torch.equal(u, u.triu())
-    inverse = torch.linalg.inv(ordered)
-    assert (u.t() @ u - inverse).abs().max() <= 1e-4 * inverse.abs().max()  # float32 factorization
+    lower = factor.lower.double()
+    assert torch.equal(lower, lower.tril()) and bool((lower.diagonal() > 0).all())
+    assert (lower.t() @ lower - ordered).abs().max() <= 1e-5 * ordered.abs().max()  # float32 factorization
+
+
+def _textbook_gptq(weight: torch.Tensor, inputs: torch.Tensor, weight_max: int, damping: float) -> torch.Tensor:
+    """GPTQ as its paper writes it, in float64 and unblocked: the upper Cholesky factor U of the
+    damped inverse Hessian, columns in decreasing input energy, each column's rounding error
+    divided by U's diagonal and taken off the later columns along U's row."""
+    x = inputs.double()
+    hessian = x.t() @ x
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    hessian = hessian[order][:, order]
+    hessian.diagonal().add_(damping * hessian.diagonal().mean())
+    upper = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    scales = weight_scales(weight, weight_max).double()
+    w = weight.double()[:, order].clone()
+    codes = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        codes[:, i] = torch.round(w[:, i] / scales).clamp(-weight_max, weight_max)
+        error = (w[:, i] - codes[:, i] * scales) / upper[i, i]
+        w[:, i + 1:] -= error[:, None] * upper[i, i + 1:][None, :]
+    restored = torch.empty_like(codes)
+    restored[:, order] = codes
+    return restored.to(torch.int8)
+
+
+@pytest.mark.parametrize("width", [63, 127])
+def test_gptq_weights_are_the_papers_gptq_codes(width):
+    """The nearest-plane form (L of H = L^T L, no inverse) picks the codes of the paper's
+    inverse-Hessian form; blocks and float32 move at most a tie's worth of codes, by one."""
+    linear = torch.nn.Linear(256, 96, bias=False)
+    torch.nn.init.normal_(linear.weight, std=0.05, generator=torch.Generator().manual_seed(7))
+    x = _correlated_inputs(600, torch.Generator().manual_seed(8))[:, :256]
+    expected = _textbook_gptq(linear.weight.detach(), x, width, 0.1)
+    codes, _ = gptq_weight(linear.weight, gptq_factor(x, damping=0.1), width, block=32)
+    differing = codes.int() != expected.int()
+    assert int(differing.sum()) <= 0.002 * codes.numel()
+    assert int((codes.int() - expected.int()).abs().max()) <= 1
+
+
+def test_gptq_weights_round_layers_of_one_input_together_as_each_alone():
+    """q/k/v are rounded as one weight of all their output channels: each layer's codes and
+    scales are those it gets on its own (up to a tie's worth of codes)."""
+    x = _correlated_inputs(500, torch.Generator().manual_seed(9))
+    weights = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) * 0.05 for rows in (64, 32, 48)]
+    factor = gptq_factor(x)
+    together = gptq_weights(weights, factor, 63)
+    assert [codes.shape for codes, _ in together] == [w.shape for w in weights]
+    for weight, (codes, scales) in zip(weights, together):
+        alone_codes, alone_scales = gptq_weight(weight, factor, 63)
+        assert torch.equal(scales, alone_scales) and codes.is_contiguous()
+        assert int((codes != alone_codes).sum()) <= 0.002 * codes.numel()
+        assert int((codes.int() - alone_codes.int()).abs().max()) <= 1
 
 
 @pytest.mark.parametrize("width", [63, 127])
@@ -240,7 +299,14 @@ def test_calibrated_layers_reproduce_the_float_models_mean_outputs_on_the_calibr
     expected = mean_outputs(load().float(), torch.nn.Linear)
     decoder = load()
     float_weights = {name: m.weight.detach().clone() for name, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    attention = decoder.config._attn_implementation
+    shapes = []
+    decoder.layers[0].register_forward_pre_hook(lambda layer, args: shapes.append(tuple(args[0].shape)))
     assert quantize_int8(decoder, keep_codes=True, calibration=batch) == 7 * decoder.config.num_hidden_layers
+    # Both passes ran the real tokens packed into one row (no padding computed), and the model's
+    # attention is back as it was.
+    assert shapes == [(1, int(lengths.sum()), decoder.config.hidden_size)] * 2
+    assert decoder.config._attn_implementation == attention == "sdpa"
     # Rounded by GPTQ, not to the nearest code, with the nearest code's scales.
     rounded = {name: quantize_weight(weight, int8_weight_max()) for name, weight in float_weights.items()}
     layers = dict(decoder.named_modules())

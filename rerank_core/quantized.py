@@ -156,9 +156,8 @@ class GptqFactor(NamedTuple):
 
 def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     """``x.T @ x`` of ``(n, d)`` rows with about half of its products: each block of ``block``
-    rows is multiplied from the diagonal on, and mirrored below it. For the calibration's
-    Hessians (up to 3,072 columns over 2,000 tokens per layer of the 0.6B) it takes about half
-    the time of the full product."""
+    rows is multiplied from the diagonal on, and mirrored below it (the calibration forms a
+    Hessian of up to 3,072 columns over 2,000 tokens for each input of each layer of the 0.6B)."""
     width = x.shape[1]
     out = x.new_empty(width, width)
     for start in range(0, width, block):
@@ -203,8 +202,8 @@ def gptq_weights(weights: Sequence[torch.Tensor], factor: GptqFactor, weight_max
     ties). The compensation of a block of columns by all the columns before it is one matrix
     product; within a block it is added column by column. Scales are :func:`quantize_weight`'s
     (each channel's largest weight), so no code is clipped beyond them. The layers are rounded
-    together, as one weight of all their output channels: the same codes as one at a time, in a
-    third fewer column steps for q/k/v.
+    together, as one weight of all their output channels: the same codes as one at a time, in one
+    column loop instead of one per layer (a third of the steps for q/k/v, half for gate/up).
     """
     scales = [weight_scales(weight, weight_max) for weight in weights]
     # Transposed, (in, out): a column to round is a contiguous row, and updates are rank-1 (ger).

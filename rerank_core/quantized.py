@@ -529,18 +529,17 @@ def _quantize_calibrated(decoder: torch.nn.Module, weight_max: int, keep_codes: 
     names = {module: name for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)}
     float_means: dict[torch.nn.Module, torch.Tensor] = {}
     groups: dict[torch.nn.Module, list[torch.nn.Module]] = {}  # each layer's group: layers of one input
-    last: list = [None, None]  # the last input the first pass saw, and its group
+    last: list = [None, None, None]  # the last input the first pass saw, its group and its mean
     loaded: dict[torch.nn.Parameter, torch.Tensor] = {}  # a float layer's tensors as loaded
     # A group's chosen weights and its mean dequantized input, by layer, until each is replaced.
     chosen: dict[torch.nn.Module, tuple] = {}
 
     def measure(linear, args):
         x = args[0]
-        float_means[linear] = x.reshape(-1, x.shape[-1]).double().mean(0)
-        if last[0] is not x:
-            last[:] = [x, []]
+        if last[0] is not x:  # a new input: its mean once for its whole group
+            last[:] = [x, [], x.reshape(-1, x.shape[-1]).double().mean(0)]
         last[1].append(linear)
-        groups[linear] = last[1]
+        groups[linear], float_means[linear] = last[1], last[2]
 
     def quantize(linear, x):
         if linear not in chosen:

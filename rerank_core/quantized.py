@@ -62,6 +62,7 @@ import torch
 from torch.profiler import record_function
 
 from .config import QUANTIZED_DTYPES
+from .cpu import pin_compiled_vector_width
 from .errors import error_summary
 from .invariant import _replace_submodule
 from .memory import release_freed_memory
@@ -277,6 +278,7 @@ class _FusedQuantize:
         if self.failure is None:
             try:
                 if self.compiled is None:
+                    pin_compiled_vector_width()
                     self.compiled = torch.compile(quantize_activation, dynamic=True)
                 return self.compiled(rows)
             except Exception as e:  # noqa: BLE001  (a missing compiler, an inductor bug: eager is exact too)
@@ -338,8 +340,8 @@ class Int8Linear(torch.nn.Module):
 
     Contract: ``y[r] = s_x[r] * s_W * (q_x[r] @ q_W.T) + b`` computed with exact integer sums, so
     every output row depends only on its own input row (batch-invariant), and equals
-    :func:`int8_reference` up to float32 rounding of the two scale products. The output has the
-    input's dtype.
+    :func:`int8_reference` up to float32 rounding of the two scale products and the bias. The
+    output has the input's dtype, rounded to it once, after the bias.
 
     Args:
         linear: the layer to replace; its weight is quantized (the float weight is not kept).
@@ -383,11 +385,14 @@ class Int8Linear(torch.nn.Module):
             rows = x.reshape(-1, self.in_features).contiguous()
             codes, scales = fused_quantize(rows)
         with record_function("int8.product"):
-            out = _int8_product(codes, self.weight_packed, self.weight_scale, self.weight_zero_points, x.dtype)
+            # float32 out whatever x's dtype: a bf16 output would be rounded three times (the
+            # product, the token's scale, the bias) instead of once, at the end.
+            out = _int8_product(codes, self.weight_packed, self.weight_scale, self.weight_zero_points, torch.float32)
         with record_function("int8.rescale"):
             out.mul_(scales)
             if self.bias is not None:
                 out.add_(self.bias)
+            out = out.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from rerank_core.quantized import (
     QuantizedDtypeError,
     _FusedQuantize,
     calibration_batch,
+    cast_around_embeddings,
     check_device,
     compute_dtype,
     dequantize_activation,
@@ -331,6 +333,16 @@ def test_int8_linear_keeps_a_bf16_input_in_bf16():
     assert (y.double() - int8_reference(layer, x)).abs().max() <= 2e-2 * y.abs().max()
 
 
+def test_int8_linear_rounds_a_bf16_output_once_after_its_scales_and_bias():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512)
+    layer = Int8Linear(linear, int8_weight_max(), input_means=(torch.randn(256), torch.randn(256)))
+    x = torch.randn(64, 256).bfloat16()
+    # The same codes from the same values: only the output's rounding differs.
+    once = layer(x.float()).bfloat16()
+    assert torch.equal(layer(x), once)
+
+
 # The engine ---------------------------------------------------------------------------------------
 
 
@@ -341,13 +353,14 @@ def int8_engine(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def int8_official(tiny_checkpoint):
-    """The model card's procedure (unpacked, padded, full vocabulary) on the same int8 model."""
+    """The model card's procedure (unpacked, padded, full vocabulary) on the same int8 model,
+    everything around its int8 layers in float64 (see ``int8_float64_engine``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint, padding_side="left")
     quantize_int8(model.get_decoder(), calibration=calibration_batch(tokenizer))
-    model.float().eval()
+    model.double().eval()
     return model, tokenizer
 
 
@@ -371,21 +384,43 @@ def test_int8_engine_quantizes_the_decoders_linear_layers_only(int8_engine):
     assert (fused_quantize.failure is None) is HAS_COMPILER
 
 
-def assert_int8_parity(scores, expected):
-    """Every score within 1e-5 of the reference's, but for at most one pair within 1e-4: where
-    the two procedures' float rounding (packed or padded rows, a sliced or full head) puts one
-    activation on the other side of a rounding boundary, its code moves by one step, and the
-    score by about 1e-5 on the tiny model (seen once, 1.5e-5, among these pairs)."""
-    diffs = sorted(abs(a - b) for a, b in zip(scores, expected, strict=True))
-    assert diffs[-1] <= 1e-4 and all(d <= 1e-5 for d in diffs[:-1]), diffs
+@pytest.fixture(scope="module")
+def int8_float64_engine(tiny_checkpoint):
+    """The int8 engine with everything around its int8 layers in float64, for parity.
+
+    Per-token activation codes make an int8 model a step function of its float values: where two
+    procedures' float32 rounding differs (a packed row's attention sums keys in another order),
+    an activation may land on the other side of a rounding boundary, and on the tiny model one
+    such flip moves scores by up to ~1e-2 (seen between the model card's own batched and one-pair
+    passes). In float64 those differences are ~1e-16 and no code flips, so the engine's packing,
+    prefix sharing and sliced head are compared with the model card's procedure exactly; the int8
+    products are exact integer sums either way. Built as float32 around (what a CPU without
+    native bf16 runs, whatever this one is), then cast."""
+    with mock.patch("rerank_core.config.cpu_has_native_bf16", return_value=False):
+        engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="int8")
+    cast_around_embeddings(engine.scorer.backbone, torch.float64)
+    assert compute_dtype(engine.scorer.backbone) == torch.float64 and engine.scorer.packing
+    return engine
 
 
-def test_int8_engine_matches_the_model_cards_procedure_on_the_int8_model(int8_engine, int8_official):
+def test_int8_engine_matches_the_model_cards_procedure_on_the_int8_model(int8_float64_engine, int8_official):
     model, tokenizer = int8_official
-    assert_int8_parity(int8_engine.score(QUERY, DOCS), official_scores(model, tokenizer, QUERY, DOCS))
+    expected = official_scores(model, tokenizer, QUERY, DOCS)
+    assert max(abs(a - b) for a, b in zip(int8_float64_engine.score(QUERY, DOCS), expected, strict=True)) <= 1e-5
     instruction = "Judge whether the passage names a city"
     expected = official_scores(model, tokenizer, "cities", DOCS, instruction=instruction)
-    assert_int8_parity(int8_engine.score("cities", DOCS, instruction), expected)
+    got = int8_float64_engine.score("cities", DOCS, instruction)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-5
+
+
+def test_int8_engine_as_this_cpu_runs_it_stays_near_the_model_cards_procedure(int8_engine, int8_official):
+    # In float32 or bf16 around the int8 layers (bf16 where the CPU multiplies it natively:
+    # EngineConfig.torch_dtype), float rounding flips activation codes (int8_float64_engine),
+    # each flip moving the tiny model's scores by up to ~1e-2: bounded here as the bf16 engine's
+    # scores are against the model card (tests/test_cpu_matrix.py).
+    model, tokenizer = int8_official
+    expected = official_scores(model, tokenizer, QUERY, DOCS)
+    assert max(abs(a - b) for a, b in zip(int8_engine.score(QUERY, DOCS), expected, strict=True)) <= 3e-2
 
 
 def test_int8_engine_without_prefix_sharing_or_packing_gives_the_same_scores(tiny_checkpoint, int8_engine):

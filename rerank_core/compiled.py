@@ -35,6 +35,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu import pin_compiled_vector_width
+
 # One compiled forward per decoder-layer class, shared by all its instances in this process.
 _COMPILED: dict[type, Callable] = {}
 
@@ -47,6 +49,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def compiled_forward(cls: type) -> Callable:
     """``cls.forward`` compiled (lazily: compiling starts on the first call), one per class."""
     if cls not in _COMPILED:
+        pin_compiled_vector_width()
         _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
     return _COMPILED[cls]
 

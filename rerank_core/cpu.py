@@ -206,3 +206,24 @@ def force_cpu_features(features: CpuFeatures):
         yield features
     finally:
         _forced.pop()
+
+
+def pin_compiled_vector_width() -> None:
+    """Put the CPU's vector width into inductor's compile-cache key; call before ``torch.compile``.
+
+    inductor's cache of compiled graphs (torch 2.13) keys a graph without the vector instruction
+    set its kernels were written for, and rebuilds a cached kernel with the flags of the process
+    that finds it. A process of another width (another CPU sharing a persistent
+    ``TORCHINDUCTOR_CACHE_DIR``, or ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 CPU, as
+    ``scripts/test-cpu-kind`` runs) then runs AVX-512 loops over AVX2 vectors or the reverse:
+    seen here as NaN scores and as heap corruption. inductor's ``cpp.simdlen`` setting is part of
+    that key; set to the width inductor picks anyway, it changes no kernel and keeps each width's
+    entries apart. A width already set (by the user) is left as it is.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if inductor_config.cpp.simdlen is None:
+        width = pick_vec_isa().bit_width()
+        if width:  # 0: no vector ISA inductor can use; nothing to tell apart
+            inductor_config.cpp.simdlen = width

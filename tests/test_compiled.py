@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +151,34 @@ def test_a_compile_failure_falls_back_to_eager_layers(tiny_checkpoint, monkeypat
     assert "running them eagerly" in caplog.text
     eager = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", config=EngineConfig(compile_layers=False))
     assert engine.score(QUERY, DOCS) == eager.score(QUERY, DOCS)
+
+
+# One process's compiled activation quantization against eager, and the vector ISA it compiled for.
+_QUANTIZE_CHILD = """
+import json, torch
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+from rerank_core.quantized import fused_quantize, quantize_activation
+torch.manual_seed(0)
+rows = torch.randn(37, 1000) * 3
+got, eager = fused_quantize(rows), quantize_activation(rows)
+same = fused_quantize.failure is None and all(torch.equal(a, b) for a, b in zip(got, eager))
+print(json.dumps({"isa": str(pick_vec_isa()), "same": same, "failure": fused_quantize.failure}))
+"""
+
+
+@needs_compiler
+def test_processes_of_two_vector_widths_share_one_compile_cache_safely(tmp_path):
+    # inductor's cache key leaves the vector ISA out (rerank_core.cpu.pin_compiled_vector_width):
+    # without the pin, the second process below found the first one's AVX2 graph and crashed
+    # with heap corruption on an AVX-512 CPU. Where AVX2 is all the CPU has, all three runs
+    # share one width, and reuse alone is checked.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    runs = []
+    for extra in ({"ATEN_CPU_CAPABILITY": "avx2"}, {}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        out = subprocess.run([sys.executable, "-c", _QUANTIZE_CHILD], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.splitlines()[-1]))
+    assert all(run["same"] for run in runs), runs
+    assert runs[0]["isa"] == runs[2]["isa"] == "avx2"

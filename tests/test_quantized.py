@@ -11,6 +11,7 @@ import torch
 from rerank_core import EngineConfig, Reranker
 from rerank_core.quantized import (
     CODE_OFFSET,
+    ROUNDING_BLOCK,
     Int8Linear,
     QuantizedDtypeError,
     _FusedQuantize,
@@ -337,7 +338,8 @@ def test_int8_linear_rounds_a_bf16_output_once_after_its_scales_and_bias():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 512)
     layer = Int8Linear(linear, int8_weight_max(), input_means=(torch.randn(256), torch.randn(256)))
-    x = torch.randn(64, 256).bfloat16()
+    # Rows over several rounding blocks, the last one partial.
+    x = torch.randn(2 * ROUNDING_BLOCK + 37, 256).bfloat16()
     # The same codes from the same values: only the output's rounding differs.
     once = layer(x.float()).bfloat16()
     assert torch.equal(layer(x), once)

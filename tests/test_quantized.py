@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from unittest import mock
 
 import pytest
 import torch
 
 from rerank_core import EngineConfig, Reranker
+from rerank_core.cpu import cpu_features, force_cpu_features
 from rerank_core.quantized import (
     CODE_OFFSET,
     ROUNDING_BLOCK,
@@ -398,7 +398,7 @@ def int8_float64_engine(tiny_checkpoint):
     prefix sharing and sliced head are compared with the model card's procedure exactly; the int8
     products are exact integer sums either way. Built as float32 around (what a CPU without
     native bf16 runs, whatever this one is), then cast."""
-    with mock.patch("rerank_core.config.cpu_has_native_bf16", return_value=False):
+    with force_cpu_features(cpu_features().capped("AVX2")):
         engine = Reranker.load(str(tiny_checkpoint), device="cpu", dtype="int8")
     cast_around_embeddings(engine.scorer.backbone, torch.float64)
     assert compute_dtype(engine.scorer.backbone) == torch.float64 and engine.scorer.packing
